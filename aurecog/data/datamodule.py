@@ -1,0 +1,334 @@
+"""One LightningDataModule family for every dataset, protocol and fold.
+
+Batches are dicts:
+
+=================  ===========================================================================================
+``image``          float B x 3 x S x S, normalised with the model's mean/std
+``landmarks``      float B x L x 2, pixel coordinates in ``image`` after crop/flip, layout ``dm.landmark_layout``
+``target``         the task's labels: AU occurrence B x C (float, -1 unknown), intensities B x C (float 0-5,
+                   -1 unknown) or expression B (long, -1 none)
+``target_mask``    bool, known entries of ``target``
+``au``/``au_mask`` AU occurrence of the dataset's AU set (whatever the task), when the dataset has AUs
+``intensity``      B x C_int (float, -1 unknown), when the dataset codes intensities
+``expression``     B (long, -1 none), when the dataset has expression labels
+``subject``        B (long), index into ``dm.subject_names`` (every subject of every split)
+``train_subject``  B (long), index into ``dm.stats.subjects`` or -1 for a subject not in the fitting set
+``confounder``     B (long), index into ``dm.stats.confounders`` (subject or source dataset) or -1
+``sample``         B (long), row of the frame in its prepared dataset; ``source`` B (long) 0 = main, 1 = cross
+``flipped``        B (bool)
+=================  ===========================================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from aurecog import config as C
+from aurecog.data.prepared import UNKNOWN, PreparedDataset, intensity_column
+from aurecog.data.protocols import carve_validation, num_folds, split_rows
+from aurecog.data.transforms import FaceTransform
+from aurecog.tasks import TaskSpec, TrainStats
+
+log = logging.getLogger(__name__)
+
+
+class DataRootError(FileNotFoundError):
+    pass
+
+
+def open_source(ds_cfg: dict, data_root: str | os.PathLike | None, synth_seed: int = 0,
+                progress: bool = True) -> PreparedDataset:
+    """Open (and for SynthAU, generate on first use) the prepared dataset of a dataset config."""
+    if ds_cfg.get("source") == "synth":
+        from aurecog.data.synth import generate
+
+        return PreparedDataset.open(generate(ds_cfg.get("preset", ds_cfg["name"]), seed=synth_seed, progress=progress))
+    root = data_root or os.environ.get("DATA_ROOT")
+    name = ds_cfg["name"]
+    folder = ds_cfg.get("prepared_dir", name)
+    if not root:
+        raise DataRootError(
+            f"dataset {name!r} is licensed and not shipped with aurecog. Obtain it from its owners "
+            f"({ds_cfg.get('obtain', 'see README, table of datasets')}), prepare it with "
+            f"`aurecog prepare {name} --src <distribution folder> --out <DATA_ROOT>/{folder}`, then pass "
+            f"DATA_ROOT=<DATA_ROOT> (or --data-root).")
+    path = Path(root) / folder
+    if not path.exists():
+        raise DataRootError(
+            f"{path} does not exist. Prepare {name!r} with "
+            f"`aurecog prepare {name} --src <distribution folder> --out {path}`")
+    return PreparedDataset.open(path)
+
+
+def _task_targets(ds: PreparedDataset, kind: str, names: list[str]) -> np.ndarray:
+    idx = ds.index
+    if kind == "au":
+        cols = [n if n in idx.columns else None for n in names]
+        out = np.full((len(idx), len(names)), UNKNOWN, dtype=np.float32)
+        for j, c in enumerate(cols):
+            if c is not None:
+                out[:, j] = idx[c].to_numpy()
+        return out
+    if kind == "intensity":
+        out = np.full((len(idx), len(names)), UNKNOWN, dtype=np.float32)
+        for j, n in enumerate(names):
+            c = intensity_column(n)
+            if c in idx.columns:
+                out[:, j] = idx[c].to_numpy()
+        return out
+    if "expression" not in idx.columns:
+        return np.full(len(idx), UNKNOWN, dtype=np.int64)
+    ds_names = ds.expressions
+    remap = np.array([names.index(n) if n in names else UNKNOWN for n in ds_names] + [UNKNOWN])
+    e = idx["expression"].to_numpy().astype(np.int64)
+    return remap[np.where(e < 0, len(ds_names), e)]
+
+
+class FaceDataset(Dataset):
+    """Rows of one prepared dataset with precomputed label arrays; images stay memory-mapped."""
+
+    def __init__(self, ds: PreparedDataset, rows: np.ndarray, arrays: dict[str, np.ndarray],
+                 transform: FaceTransform, source: int = 0):
+        self.ds, self.rows, self.transform, self.source = ds, np.asarray(rows, dtype=np.int64), transform, source
+        self.arrays = {k: v[self.rows] for k, v in arrays.items()}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        r = int(self.rows[i])
+        image, lm, flipped = self.transform(np.asarray(self.ds.images[r]), np.asarray(self.ds.landmarks[r]))
+        item = {"image": image, "landmarks": lm, "sample": r, "source": self.source, "flipped": flipped}
+        for k, v in self.arrays.items():
+            item[k] = torch.as_tensor(v[i])
+        return item
+
+
+class AUDataModule(L.LightningDataModule):
+    """DataModule for ``dataset`` (a name under ``configs/datasets``, or such a config as a dict), ``protocol``
+    and ``fold``.
+
+    ``task`` picks the labels (``au``, ``intensity``, ``expression``; default from the dataset config). After
+    :meth:`setup`, ``task_spec`` and ``stats`` (training-set statistics) describe the problem to the model.
+    """
+
+    def __init__(self, dataset: str | dict = "synth", protocol: str | None = None, fold: int = 0, task: str | None = None,
+                 data_root: str | None = None, input_size: int = 64, resize: int | None = None,
+                 batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment: dict | None = None,
+                 confounder: str | None = None, val_fraction: float | None = None, split_seed: int = 0,
+                 synth_seed: int = 0, labels: list[str] | None = None, max_train_samples: int | None = None,
+                 progress: bool = True):
+        super().__init__()
+        self.cfg = dict(dataset) if isinstance(dataset, dict) else C.load_dataset(dataset)
+        self.name = self.cfg["name"]
+        self.protocol_name = protocol or self.cfg.get("default_protocol")
+        protocols = self.cfg.get("protocols") or {}
+        if self.protocol_name not in protocols:
+            raise C.ConfigError(
+                f"dataset {dataset!r} has no protocol {self.protocol_name!r}; protocols: {', '.join(protocols)}")
+        self.protocol = protocols[self.protocol_name]
+        self.n_folds = num_folds(self.protocol)
+        if not 0 <= fold < self.n_folds:
+            raise C.ConfigError(f"fold {fold} out of range for {dataset}/{self.protocol_name} (0..{self.n_folds - 1})")
+        self.fold = fold
+        self.kind = task or self.cfg.get("task", "au")
+        self.data_root, self.synth_seed, self.progress = data_root, synth_seed, progress
+        self.input_size, self.resize = input_size, resize
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = dict(augment or {})
+        self.confounder_kind = confounder or self.cfg.get("confounder", "subject")
+        self.val_fraction = self.cfg.get("val_fraction", 0.15) if val_fraction is None else val_fraction
+        self.split_seed = split_seed
+        self.label_subset = labels or self.cfg.get("labels")
+        self.max_train_samples = max_train_samples
+        self._is_setup = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self._is_setup:
+            return
+        main = open_source(self.cfg, self.data_root, self.synth_seed, self.progress)
+        self.landmark_layout = main.meta["landmark_layout"]
+        names = self._label_names(main)
+        threshold = float(self.cfg.get("positive_threshold", main.meta.get("positive_threshold") or 2))
+        self.task_spec = TaskSpec(self.kind, names, positive_threshold=threshold)
+
+        train_rows, test_rows = split_rows(main.index, self.protocol, self.fold,
+                                           label_names=main.expressions, where=str(main.root))
+        test_ds = main
+        if self.protocol["type"] == "cross_dataset":
+            other = C.load_dataset(self.protocol["test_dataset"])
+            test_ds = open_source(other, self.data_root, self.synth_seed, self.progress)
+            test_rows = np.arange(len(test_ds.index))
+        fit_rows, val_rows = carve_validation(main.index, train_rows, self.val_fraction,
+                                              seed=f"{self.name}/{self.protocol_name}/{self.fold}/{self.split_seed}")
+        main_arrays = self._arrays(main)
+        test_arrays = main_arrays if test_ds is main else self._arrays(test_ds)
+        if self.kind == "expression":  # frames without an expression label carry nothing to learn or score
+            fit_rows, val_rows = (r[main_arrays["target"][r] >= 0] for r in (fit_rows, val_rows))
+            dropped = int((test_arrays["target"][test_rows] < 0).sum())
+            test_rows = test_rows[test_arrays["target"][test_rows] >= 0]
+            if dropped:
+                log.info("expression task: %d test frames without an expression label are not scored", dropped)
+        if self.max_train_samples and len(fit_rows) > self.max_train_samples:
+            keep = np.random.default_rng(0).choice(len(fit_rows), self.max_train_samples, replace=False)
+            fit_rows = np.sort(fit_rows[keep])
+        self.split_rows = {"train": fit_rows, "val": val_rows, "test": test_rows}
+        self.split_sources = {"train": main, "val": main, "test": test_ds}
+
+        # subject and confounder indices
+        subj_main = main.index["subject"].astype(str).to_numpy()
+        train_subjects = sorted(set(subj_main[fit_rows]))
+        self.subject_names = sorted(set(subj_main) | set(test_ds.index["subject"].astype(str)))
+        if self.confounder_kind == "subject":
+            conf_col_main, confounders = subj_main, train_subjects
+        elif self.confounder_kind == "dataset":
+            conf_col_main = main.index["dataset"].astype(str).to_numpy()
+            confounders = sorted(set(conf_col_main[fit_rows]))
+        else:
+            raise C.ConfigError(f"confounder must be 'subject' or 'dataset', got {self.confounder_kind!r}")
+        self.stats = self._stats(main_arrays["target"][fit_rows], subj_main[fit_rows], train_subjects,
+                                 conf_col_main[fit_rows], confounders)
+        for ds, arrays in ((main, main_arrays), (test_ds, test_arrays)):
+            subj = ds.index["subject"].astype(str).to_numpy()
+            arrays["subject"] = np.searchsorted(self.subject_names, subj).astype(np.int64)
+            arrays["train_subject"] = _lookup(subj, train_subjects)
+            conf = subj if self.confounder_kind == "subject" else ds.index["dataset"].astype(str).to_numpy()
+            arrays["confounder"] = _lookup(conf, confounders)
+        self.split_arrays = {"train": main_arrays, "val": main_arrays, "test": test_arrays}
+        self._is_setup = True
+
+    def _label_names(self, ds: PreparedDataset) -> list[str]:
+        if self.kind == "au":
+            names = ds.aus
+        elif self.kind == "intensity":
+            names = ds.intensity_aus
+            if not names:
+                raise C.ConfigError(f"dataset {self.name!r} has no intensity labels; use task 'au'")
+        else:
+            names = ds.expressions
+            if not names:
+                raise C.ConfigError(f"dataset {self.name!r} has no expression labels")
+        if self.label_subset:
+            unknown = [n for n in self.label_subset if n not in names]
+            if unknown:
+                raise C.ConfigError(f"labels {unknown} are not in dataset {self.name!r} (has {names})")
+            names = list(self.label_subset)
+        return list(names)
+
+    def _arrays(self, ds: PreparedDataset) -> dict[str, np.ndarray]:
+        names = self.task_spec.names
+        arrays = {"target": _task_targets(ds, self.kind, names)}
+        if ds.aus:
+            arrays["au"] = _task_targets(ds, "au", ds.aus if self.kind != "au" else names)
+        if ds.intensity_aus:
+            arrays["intensity"] = _task_targets(ds, "intensity", ds.intensity_aus)
+        if ds.expressions:
+            arrays["expression"] = _task_targets(ds, "expression", ds.expressions)
+        return arrays
+
+    def _stats(self, y: np.ndarray, subj: np.ndarray, subjects: list[str], conf: np.ndarray,
+               confounders: list[str]) -> TrainStats:
+        kind = self.kind
+        if kind == "expression":
+            k = self.task_spec.num_outputs
+            onehot = np.eye(k, dtype=np.float64)[y]
+            pos = onehot.sum(0)
+            neg = len(y) - pos
+            corr = _pearson(onehot)
+        else:
+            known = y >= 0
+            binary = y >= self.task_spec.positive_threshold if kind == "intensity" else y > 0
+            pos = (binary & known).sum(0)
+            neg = known.sum(0) - pos
+            rows = known.all(1)
+            corr = _pearson(y[rows].astype(np.float64))
+        rate = pos / np.maximum(pos + neg, 1)
+        return TrainStats(
+            n_train=int(len(y)), label_rate=rate.tolist(), n_pos=pos.astype(int).tolist(),
+            n_neg=neg.astype(int).tolist(), label_corr=corr.tolist(), subjects=list(subjects),
+            subject_counts=[int((subj == s).sum()) for s in subjects], confounder=self.confounder_kind,
+            confounders=list(confounders), confounder_counts=[int((conf == c).sum()) for c in confounders])
+
+    # ------------------------------------------------------------------ loaders
+    def transform(self, train: bool) -> FaceTransform:
+        a = self.augment
+        return FaceTransform(train and a.get("enabled", True), crop=self.input_size, resize=self.resize,
+                             layout=self.landmark_layout, mean=self.mean, std=self.std,
+                             flip_p=a.get("flip_p", 0.5), brightness=a.get("brightness", 0.2),
+                             contrast=a.get("contrast", 0.2), jitter_p=a.get("jitter_p", 0.5))
+
+    def dataset(self, split: str) -> FaceDataset:
+        self.setup()
+        return FaceDataset(self.split_sources[split], self.split_rows[split], self.split_arrays[split],
+                           self.transform(split == "train"), source=int(self.split_sources[split] is not
+                                                                         self.split_sources["train"]))
+
+    def _world(self) -> tuple[int, int]:
+        t = getattr(self, "trainer", None)
+        if t is not None and t.world_size > 1:
+            return t.world_size, t.global_rank
+        return 1, 0
+
+    def _loader(self, split: str) -> DataLoader:
+        ds = self.dataset(split)
+        world, rank = self._world()
+        train = split == "train"
+        sampler = None
+        if world > 1:
+            if train:
+                sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.split_seed,
+                                             drop_last=True)
+            else:  # every evaluation sample exactly once: no padding duplicates (engineering notes 2.4)
+                from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+                sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+        bs = self.batch_size if train else self.eval_batch_size
+        return DataLoader(ds, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=train and len(ds) > bs,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("test")
+
+    def split_index(self, split: str) -> pd.DataFrame:
+        """Provenance rows (dataset, subject, session, frame, ...) of a split, in loader order."""
+        self.setup()
+        return self.split_sources[split].index.iloc[self.split_rows[split]].reset_index(drop=True)
+
+
+def _lookup(values: np.ndarray, table: list[str]) -> np.ndarray:
+    pos = {v: i for i, v in enumerate(table)}
+    return np.array([pos.get(v, -1) for v in values], dtype=np.int64)
+
+
+def _pearson(x: np.ndarray) -> np.ndarray:
+    if len(x) < 2:
+        return np.eye(x.shape[1])
+    x = x - x.mean(0, keepdims=True)
+    cov = x.T @ x
+    std = np.sqrt(np.clip(np.diag(cov), 0, None))
+    denom = np.outer(std, std)
+    corr = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 0)
+    np.fill_diagonal(corr, 1.0)
+    return corr

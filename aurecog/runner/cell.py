@@ -1,0 +1,304 @@
+"""One benchmark cell: fit a model on a fold's training subjects, select the checkpoint on the validation
+subjects, test on the test fold, and write the cell's run folder.
+
+Run folder ``results/runs/<dataset>/<model>/<fold>-<seed>/`` (all writes atomic, ``metrics.json`` last, so a
+folder with ``metrics.json`` is a finished cell):
+
+* ``config.json``: the resolved config (profile included)
+* ``history.csv``: per-epoch training loss and validation metrics (training curves)
+* ``predictions.parquet``: per test sample: provenance, scores, targets
+* ``environment.json``: versions, device, git revision, command, wall time
+* ``metrics.json``: test metrics (per label and mean), per-subject PCC similarity, selected epoch
+
+Checkpoints go to ``checkpoints/`` (git-ignored). W&B runs go to ``<run folder>/wandb`` (git-ignored).
+
+Executed as ``python -m aurecog.runner.cell <spec.json>`` by the grid runner, so each cell has its own
+process, and Lightning's DDP launcher can re-execute the same command for ranks >= 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+
+from aurecog.config import REPO_ROOT
+
+FINISHED = "metrics.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_write_df(path: Path, df: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if path.suffix == ".parquet":
+        df.to_parquet(tmp, index=False)
+    else:
+        df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "") if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import lightning
+    import timm
+    import torch
+    import torchmetrics
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+        "timm": timm.__version__, "torchmetrics": torchmetrics.__version__, "device": dev,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "host": platform.node(),
+        "git_revision": git_revision(),
+    }
+
+
+def build_datamodule(cfg: dict, fold: int, data_root: str | None = None, progress: bool = True):
+    from aurecog.data.datamodule import AUDataModule
+
+    d = cfg.get("data", {})
+    return AUDataModule(
+        dataset=cfg.get("dataset_config") or cfg["dataset"], protocol=cfg.get("protocol"), fold=fold, task=cfg.get("task"),
+        data_root=data_root, input_size=d.get("input_size", 64), resize=d.get("resize"),
+        batch_size=d.get("batch_size", 32), eval_batch_size=d.get("eval_batch_size"),
+        num_workers=d.get("num_workers", 0), mean=d.get("mean", (0.5,) * 3), std=d.get("std", (0.5,) * 3),
+        augment=d.get("augment"), confounder=cfg.get("confounder"), val_fraction=d.get("val_fraction"),
+        split_seed=d.get("split_seed", 0), synth_seed=d.get("synth_seed", 0), labels=cfg.get("labels"),
+        max_train_samples=d.get("max_train_samples"), progress=progress)
+
+
+class HistoryCallback(L.Callback):
+    """Collects per-epoch logged scalars (train loss, validation metrics) for history.csv."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for k, v in trainer.callback_metrics.items():
+            if k.startswith(("val/", "train/")) and k.count("/") == 1:
+                row[k] = float(v)
+        self.rows.append(row)
+
+
+def _trainer_kwargs(cfg: dict) -> dict:
+    t = dict(cfg.get("trainer", {}))
+    devices = t.get("devices", 1)
+    strategy = t.get("strategy", "auto")
+    accelerator = t.get("accelerator", "auto")
+    import torch
+
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.accelerator=gpu but no CUDA GPU is visible; use accelerator=auto or cpu")
+    multi = (isinstance(devices, int) and devices > 1) or int(t.get("num_nodes", 1)) > 1 or (
+        devices == "auto" and torch.cuda.device_count() > 1)
+    if multi and strategy == "auto":
+        strategy = "ddp"
+    return dict(accelerator=accelerator, devices=devices, num_nodes=int(t.get("num_nodes", 1)), strategy=strategy,
+                precision=t.get("precision", "32-true"), max_epochs=int(t.get("max_epochs", 1)),
+                gradient_clip_val=t.get("gradient_clip_val"), limit_train_batches=t.get("limit_train_batches"),
+                deterministic=t.get("deterministic", False))
+
+
+def make_logger(cfg: dict, run_dir: Path, fold: int, seed: int, wandb_mode: str):
+    if wandb_mode == "disabled":
+        return False
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    from lightning.pytorch.loggers import WandbLogger
+
+    m = cfg["model"]
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=os.environ.get("WANDB_PROJECT", "aurecog"), save_dir=str(run_dir), offline=wandb_mode == "offline",
+        group=f"{cfg['dataset']}/{m['name']}", job_type=f"fold{fold}", name=f"{m['name']}-{cfg['dataset']}-f{fold}-s{seed}",
+        tags=[cfg["profile"], f"seed{seed}", git_revision(), m["family"]], config=cfg, mode=wandb_mode)
+
+
+def predictions_frame(dm, preds: dict, names: list[str], kind: str) -> pd.DataFrame:
+    sources = {0: dm.split_sources["train"], 1: dm.split_sources["test"]}
+    rows = []
+    for src, ds in sources.items():
+        m = preds["source"].numpy() == src
+        if not m.any():
+            continue
+        sub = ds.index.iloc[preds["sample"].numpy()[m]].reset_index(drop=True)
+        keep = [c for c in ("dataset", "subject", "session", "frame", "split") if c in sub.columns]
+        df = sub[keep].copy()
+        df.insert(0, "sample", preds["sample"].numpy()[m])
+        scores, target = preds["scores"].numpy()[m], preds["target"].numpy()[m]
+        for j, n in enumerate(names):
+            df[f"score_{n}"] = scores[:, j].astype(np.float32)
+        if kind == "expression":
+            df["target"] = target.astype(np.int64)
+        else:
+            for j, n in enumerate(names):
+                df[f"target_{n}"] = target[:, j].astype(np.float32)
+        rows.append(df)
+    out = pd.concat(rows, ignore_index=True)
+    return out.sort_values(["sample"]).reset_index(drop=True)
+
+
+def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | None = None,
+             wandb_mode: str = "offline", ckpt_root: Path | None = None, progress: bool = True) -> dict | None:
+    """Train/select/test one cell. Returns the metrics dict (rank 0) or None (other ranks)."""
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from aurecog.models.registry import build_model
+
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    L.seed_everything(seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    dm = build_datamodule(cfg, fold, data_root, progress=progress)
+    dm.setup("fit")
+    model = build_model(cfg, dm.task_spec, dm.stats)
+    ckpt_root = Path(ckpt_root or REPO_ROOT / "checkpoints")
+    ckpt_dir = ckpt_root / cfg["dataset"] / cfg["model"]["name"] / f"{fold}-{seed}"
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # an interrupted earlier attempt
+    has_val = len(dm.split_rows["val"]) > 0
+    monitor = model.monitor if has_val else "train/loss"
+    mode = "max" if has_val else "min"
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                                 auto_insert_metric_name=False, enable_version_counter=False)]
+    history = HistoryCallback()
+    callbacks.append(history)
+    patience = cfg.get("trainer", {}).get("early_stopping_patience")
+    if patience and has_val:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(patience)))
+    if progress:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=False))
+    logger = make_logger(cfg, run_dir, fold, seed, wandb_mode)
+    tk = _trainer_kwargs(cfg)
+    if tk["gradient_clip_val"] is not None and not model.automatic_optimization:
+        tk["gradient_clip_val"] = None  # manual-optimisation models clip inside their step
+    trainer = L.Trainer(**tk, logger=logger, callbacks=callbacks, use_distributed_sampler=False,
+                        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+                        log_every_n_steps=10, default_root_dir=str(ckpt_dir))
+    trainer.fit(model, datamodule=dm, **({} if has_val else {"val_dataloaders": []}))
+    best = callbacks[0].best_model_path or None
+    best_epoch = _best_epoch(history.rows, monitor, mode)
+    trainer.test(model, datamodule=dm, ckpt_path=best if best else None, verbose=False)
+    if trainer.global_rank != 0:
+        return None
+    res = model.test_results
+    kind = dm.task_spec.kind
+    pcc = {dm.subject_names[k]: v for k, v in res["pcc_similarity"].items()}
+    metrics = {
+        "model": cfg["model"]["name"], "family": cfg["model"]["family"], "group": cfg["model"]["group"],
+        "dataset": cfg["dataset"], "protocol": dm.protocol_name, "fold": fold, "seed": seed,
+        "profile": cfg["profile"], "task": kind, "labels": dm.task_spec.names, "test": res["metrics"],
+        "pcc_similarity": pcc, "n_train": len(dm.split_rows["train"]), "n_val": len(dm.split_rows["val"]),
+        "n_test": int(len(res["predictions"]["sample"])), "selected_epoch": best_epoch, "monitor": monitor,
+        "epochs_run": trainer.current_epoch, "wall_time_s": round(time.time() - t0, 1),
+        "train_subjects": dm.stats.subjects,
+    }
+    atomic_write_json(run_dir / "config.json", cfg)
+    atomic_write_df(run_dir / "history.csv", pd.DataFrame(history.rows))
+    atomic_write_df(run_dir / "predictions.parquet", predictions_frame(dm, res["predictions"], dm.task_spec.names, kind))
+    env = environment()
+    env.update({"argv": sys.argv, "world_size": trainer.world_size, "wall_time_s": metrics["wall_time_s"]})
+    atomic_write_json(run_dir / "environment.json", env)
+    if logger:
+        _wandb_test_extras(logger, dm, model, res, metrics)
+    atomic_write_json(run_dir / FINISHED, metrics)
+    if logger:
+        import wandb
+
+        wandb.finish()
+    return metrics
+
+
+def _best_epoch(rows: list[dict], monitor: str, mode: str):
+    vals = [(r["epoch"], r[monitor]) for r in rows if monitor in r]
+    if not vals:
+        return None
+    return (max if mode == "max" else min)(vals, key=lambda x: x[1])[0]
+
+
+def _wandb_test_extras(logger, dm, model, res, metrics) -> None:
+    """Per-label test table and a few test faces with their predictions."""
+    names = dm.task_spec.names
+    test = res["metrics"]
+    cols = ["label"] + sorted({k.split("/")[0] for k in test if "/" in k})
+    data = [[n] + [test.get(f"{c}/{n}") for c in cols[1:]] for n in names]
+    logger.log_table("test/per_label", columns=cols, data=data)
+    for k, v in test.items():
+        if "/" not in k:
+            logger.experiment.summary[f"test/{k}"] = v
+    try:
+        ds = dm.split_sources["test"]
+        preds = res["predictions"]
+        idx = preds["sample"][:8].numpy()
+        images, captions = [], []
+        for i, r in enumerate(idx):
+            images.append(np.asarray(ds.images[int(r)]))
+            s = preds["scores"][i].numpy()
+            if dm.task_spec.kind == "expression":
+                captions.append(f"pred {names[int(s.argmax())]}")
+            else:
+                thr = 0.5 if dm.task_spec.kind == "au" else dm.task_spec.positive_threshold
+                captions.append("pred " + ",".join(n for n, v in zip(names, s) if v >= thr))
+        logger.log_image("test/samples", images=images, caption=captions)
+    except Exception as e:  # images are a convenience; never fail a finished cell over them
+        print(f"warning: could not log sample images to W&B: {e}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m aurecog.runner.cell <spec.json>", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    run_cell(spec["config"], spec["fold"], spec["seed"], Path(spec["run_dir"]), data_root=spec.get("data_root"),
+             wandb_mode=spec.get("wandb_mode", "offline"), ckpt_root=spec.get("ckpt_root"),
+             progress=spec.get("progress", True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
