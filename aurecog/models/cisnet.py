@@ -1,0 +1,199 @@
+"""CISNet: Causal Intervention for Subject-deconfounded AU recognition (Chen et al., AAAI 2022).
+
+Architecture (paper section 'CISNet Architecture', Fig. 3; authors' ``net/CISNet.py``)::
+
+    image -> timm ResNet (global pooled) -> projector Linear(d_backbone -> d_in) = f_cur
+          -> CIS:  y = W_X f_cur + W_S r_cur                                             (Eq. 3)
+                   r_cur = sum_i alpha_i s_i P(s_i)                                       (Eq. 4)
+                   alpha = softmax_i((W_Q f_cur)^T (W_K s_i) / sqrt(d_m))                (Eq. 5)
+          -> classifier Linear(d_in -> 64) -> LeakyReLU -> Linear(64 -> C)
+
+The projector exists in the authors' code (``projector = Linear(512 -> 512)``); its output is the feature f_cur
+that the memory banks store (reference notes, section 4). For ResNet-50 it maps 2048 -> 512.
+
+Confounder dictionary S = [s_1..s_N] (one prototype per training subject, or per source dataset when the task's
+confounder is the dataset): during every training epoch each training sample's f_cur is accumulated per confounder
+in a :class:`~aurecog.models.causal.FeatureBank`; at the end of the epoch (``on_train_epoch_end``, after the bank
+is all-reduced across DDP ranks) s_i = mean feature of confounder i and P(s_i) = its share of the epoch's
+training samples. S and P are buffers (saved in checkpoints, used at validation/test) and the bank is reset.
+
+Epoch schedule. "In the first epoch, we stop the back-propagation step to initialize our confounder dictionary"
+(Implementation Details): the first ``bank_only_epochs`` (1) epochs only run the feature extractor (train mode,
+no gradient) and fill the banks; the model uses manual optimisation so that no optimiser step (hence no weight
+decay, no momentum) happens then. Batch-norm running statistics do adapt in that epoch, as in the authors'
+code (their forward runs in train mode). Design choices documented here:
+
+* Validation during a bank-only epoch is skipped: there is no dictionary yet and the model has had no update.
+  The monitored metric is logged as :data:`BANK_ONLY_MONITOR_VALUE` (below every real score, finite so early
+  stopping does not abort), so checkpoint selection never picks an untrained epoch.
+* Validation of epoch e runs before that epoch's ``on_train_epoch_end`` (Lightning's order), so it uses the
+  dictionary the weights were trained with during epoch e (built at the end of epoch e-1); the checkpoint
+  saved at that validation holds exactly that dictionary.
+* A forward before any dictionary exists (e.g. ``trainer.test`` on a fresh model) uses r_cur = 0.
+* Confounders absent from the last epoch (possible only with ``limit_train_batches``) are left out of the
+  attention rather than attended with a zero prototype.
+* The bank is deliberately NOT a registered submodule: DDP (``broadcast_buffers=True``) would overwrite every
+  rank's running sums with rank 0's before each forward. It is moved to the feature device on first use and is
+  reset every epoch, so nothing of it needs checkpointing.
+
+Loss: Eq. 6, L = -sum_i [(1 - mu_i) p_i log p^_i + mu_i (1 - p_i) log(1 - p^_i)], mu_i the AU's training
+occurrence rate (``stats.label_rate``), unknown labels masked, averaged over known entries (``loss.reduction:
+mean``, the authors' / (C N) normalisation). The authors' code passes the weights under a wrong keyword and so
+trains unweighted; we implement the paper. Expression tasks: softmax head + cross-entropy; intensity: per-AU
+6-level head + cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from aurecog.models.backbones import create_backbone
+from aurecog.models.base import AUModel
+from aurecog.models.causal import FeatureBank, PrototypeAttention
+from aurecog.models.heads import TaskHead
+from aurecog.models.losses import cisnet_coefficients, masked_cross_entropy, weighted_bce
+from aurecog.models.registry import register_family
+
+# Paper, Implementation Details: "In the first epoch, we stop the back-propagation step to initialize our
+# confounder dictionary".
+PAPER_BANK_ONLY_EPOCHS = 1
+# Logged for the monitored validation metric of a bank-only epoch: below any F1/accuracy (>= 0) and ICC (>= -1).
+BANK_ONLY_MONITOR_VALUE = -1.0
+
+
+@register_family("cisnet")
+class CISNet(AUModel):
+    def __init__(self, task, stats, cfg):
+        super().__init__(task, stats, cfg)
+        self.automatic_optimization = False  # the bank-only first epoch must not step the optimiser
+        b = dict(cfg.get("backbone", {}))
+        self.backbone, feat_dim = create_backbone(**b)
+        c = cfg.get("cis", {})
+        d_in = int(c.get("feature_dim", 512))
+        self.projector = nn.Linear(feat_dim, d_in)
+        self.cis = PrototypeAttention(d_in, int(c.get("d_m", 256)), d_in)
+        h = cfg.get("head", {})
+        self.head = TaskHead(d_in, self.task, hidden=h.get("hidden", 64), dropout=h.get("dropout", 0.0))
+        self.bank_only_epochs = int(cfg.get("bank_only_epochs", PAPER_BANK_ONLY_EPOCHS))
+
+        if self.stats.confounder == "subject":
+            self.group_key, n_groups = "train_subject", self.stats.n_subjects
+        elif self.stats.confounder == "dataset":
+            self.group_key, n_groups = "confounder", self.stats.n_confounders
+        else:
+            raise ValueError(f"CISNet: unknown confounder kind {self.stats.confounder!r} (subject, dataset)")
+        if n_groups < 1:
+            raise ValueError("CISNet needs at least one training confounder (subject/dataset)")
+        # Confounder dictionary (Eq. 4): prototypes s_i, priors P(s_i), and whether it has been built.
+        self.register_buffer("prototypes", torch.zeros(n_groups, d_in))
+        self.register_buffer("priors", torch.zeros(n_groups))
+        self.register_buffer("dictionary_ready", torch.zeros((), dtype=torch.bool))
+        object.__setattr__(self, "bank", FeatureBank(n_groups, d_in))  # unregistered: see module docstring
+
+        loss_cfg = cfg.get("loss", {})
+        self.loss_reduction = loss_cfg.get("reduction", "mean")
+        if self.task.kind == "au" and loss_cfg.get("au_weighting", "cisnet") == "cisnet":
+            pos, neg = cisnet_coefficients(torch.tensor(self.stats.label_rate, dtype=torch.float32))
+        else:
+            pos = neg = torch.ones(self.task.num_outputs)
+        self.register_buffer("pos_coef", pos, persistent=False)
+        self.register_buffer("neg_coef", neg, persistent=False)
+
+    # ------------------------------------------------------------------ model
+    def features(self, image: Tensor) -> Tensor:
+        """f_cur: projected, globally pooled backbone feature (B, d_in); what the memory banks store."""
+        return self.projector(self.backbone(image))
+
+    def intervene(self, f: Tensor) -> tuple[Tensor, Tensor | None]:
+        """CIS module, Eqs. 3-5: W_X f + W_S sum_i alpha_i P(s_i) s_i; attention (B, N') or None."""
+        if not bool(self.dictionary_ready):
+            return self.cis.w_x(f) + self.cis.w_s(torch.zeros_like(f)), None
+        present = self.priors > 0
+        keys, priors = self.prototypes[present], self.priors[present]
+        return self.cis(f, keys, priors[:, None] * keys)
+
+    def forward(self, batch: dict) -> dict:
+        f = self.features(batch["image"])
+        y, attn = self.intervene(f)
+        return {"logits": self.head(y), "feature": f, "attention": attn}
+
+    # ------------------------------------------------------------------ loss (Eq. 6)
+    def compute_loss(self, out: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, target = out["logits"], batch["target"]
+        if self.task.kind == "au":
+            loss = weighted_bce(logits, target, pos_coef=self.pos_coef, neg_coef=self.neg_coef,
+                                reduction=self.loss_reduction)
+        else:
+            loss = masked_cross_entropy(logits, target)
+        return loss, {}
+
+    # ------------------------------------------------------------------ confounder dictionary
+    def bank_only(self) -> bool:
+        return self.current_epoch < self.bank_only_epochs
+
+    @torch.no_grad()
+    def update_bank(self, features: Tensor, groups: Tensor) -> None:
+        if self.bank.sums.device != features.device:
+            self.bank.to(features.device)
+        self.bank.update(features, groups.to(features.device))
+
+    @torch.no_grad()
+    def build_dictionary(self) -> None:
+        """s_i = mean banked feature, P(s_i) = sample share (all ranks' banks summed); then reset the bank."""
+        self.bank.to(self.prototypes.device)
+        self.bank.sync()
+        if self.bank.counts.sum() > 0:
+            self.prototypes.copy_(self.bank.means())
+            self.priors.copy_(self.bank.priors())
+            self.dictionary_ready.fill_(True)
+        self.bank.reset()
+
+    def on_train_epoch_start(self) -> None:
+        self.bank.to(self.device)
+        self.bank.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self.build_dictionary()
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        groups = batch[self.group_key]
+        if self.bank_only():
+            with torch.no_grad():
+                self.update_bank(self.features(batch["image"]), groups)
+            return None
+        opt = self.optimizers()
+        out = self(batch)
+        self.update_bank(out["feature"].detach(), groups)
+        loss, parts = self.compute_loss(out, batch)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        clip = self.cfg.get("trainer", {}).get("gradient_clip_val")
+        if clip:
+            self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        return loss.detach()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self._skip_validation():
+            return
+        super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._skip_validation():
+            self.val_metrics.reset()
+            if not self.trainer.sanity_checking:
+                self.log(self.monitor, BANK_ONLY_MONITOR_VALUE)
+            return
+        super().on_validation_epoch_end()
+
+    def _skip_validation(self) -> bool:
+        return self.trainer.state.fn == "fit" and self.bank_only() and not bool(self.dictionary_ready)
