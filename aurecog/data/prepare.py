@@ -1,0 +1,661 @@
+"""Preparation of the real datasets: distribution as shipped -> the prepared format (:mod:`aurecog.data.prepared`).
+
+Entry point (wired to ``aurecog prepare <dataset> --src --out`` and ``make prepare``)::
+
+    run(dataset, src, out, workers=None, image_size=256, progress=True, **options)
+
+Shared machinery, used by one reader module per dataset (``bp4d``, ``bp4dplus``, ``disfa``, ``gft``,
+``affwild2``, ``fermix``, ``generic``):
+
+* **Alignment** (:func:`align_face`): a similarity transform (rotation + isotropic scale + translation) that
+  maps the two eye centres (means of the eye-contour landmarks of the layout) onto the canonical positions
+  :data:`CANONICAL_EYES` (fractions of the output size: image-left eye at (0.35, 0.40), image-right eye at
+  (0.65, 0.40)); the image is warped with it to ``image_size`` x ``image_size`` and the landmarks are
+  transformed with the same matrix.
+* **Landmarks**: the dataset's own landmarks where it ships them (BP4D/BP4D+ 49 points, DISFA 66, CK+ 68);
+  otherwise the optional dlib detector (:func:`detect_landmarks`, iBUG 68 points), imported lazily; without it
+  preparation stops with ``pip install dlib-bin face-recognition-models``.
+* **Report**: a frame whose image, face or landmarks cannot be read, or whose labels are unusable, is not
+  written; it is listed in ``<out>/report.csv`` (columns ``file, reason``), counted and summarised on stdout.
+  Nothing is dropped silently. Structural problems (missing folder, label file with a wrong column count,
+  unparsable values) raise :class:`PrepareError` naming the file.
+* **Resumable parallel writer** (:func:`prepare_jobs`): the work is cut into jobs (a sequence, a video chunk,
+  a subject); each job is processed in a ``multiprocessing.Pool`` (``workers`` processes, default: the
+  machine's cores) and saved as a chunk in ``<out>.work/`` with a done-marker. An interrupted preparation is
+  re-run with the same command and only processes the jobs without a marker. At the end the chunks are merged,
+  in a deterministic job order, into the prepared folder by :class:`~aurecog.data.prepared.PreparedWriter`
+  (atomic: ``<out>.partial`` -> ``<out>``), and the work folder is removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from aurecog.data.landmarks import N_POINTS, check_layout
+from aurecog.data.prepared import UNKNOWN, PreparedWriter
+
+DEFAULT_IMAGE_SIZE = 256
+#: Canonical eye centres as fractions of the output size (x, y): image-left eye, image-right eye.
+CANONICAL_EYES = ((0.35, 0.40), (0.65, 0.40))
+#: Eye-contour landmark indices of each layout: (image-left eye, image-right eye) for a frontal face.
+EYE_INDICES = {
+    "ibug68": (list(range(36, 42)), list(range(42, 48))),
+    "disfa66": (list(range(36, 42)), list(range(42, 48))),  # DISFA drops 60/64 only: eyes keep iBUG indices
+    "intraface49": (list(range(19, 25)), list(range(25, 31))),
+}
+DETECTOR_HINT = "pip install dlib-bin face-recognition-models"
+BORDER_VALUE = (0, 0, 0)
+
+
+class PrepareError(RuntimeError):
+    """The distribution is not where or what the preparer expects; the message names the file or folder."""
+
+
+# ---------------------------------------------------------------------------------------------------- alignment
+def canonical_eyes(size: int) -> np.ndarray:
+    """Canonical eye centres in pixels for an output of ``size`` x ``size`` (2 x 2: left, right)."""
+    return np.asarray(CANONICAL_EYES, dtype=np.float64) * size
+
+
+def eye_centres(landmarks: np.ndarray, layout: str) -> np.ndarray:
+    left, right = EYE_INDICES[layout]
+    lm = np.asarray(landmarks, dtype=np.float64)
+    return np.stack([lm[left].mean(0), lm[right].mean(0)])
+
+
+def similarity_from_eyes(eyes: np.ndarray, size: int) -> np.ndarray:
+    """2 x 3 similarity matrix mapping the two source eye centres exactly onto the canonical ones."""
+    src = eyes[:, 0] + 1j * eyes[:, 1]
+    dst_xy = canonical_eyes(size)
+    dst = dst_xy[:, 0] + 1j * dst_xy[:, 1]
+    if abs(src[1] - src[0]) < 1e-6:
+        raise ValueError("eye centres coincide")
+    c = (dst[1] - dst[0]) / (src[1] - src[0])  # rotation + scale
+    t = dst[0] - c * src[0]
+    return np.array([[c.real, -c.imag, t.real], [c.imag, c.real, t.imag]], dtype=np.float64)
+
+
+def check_landmarks(landmarks, layout: str) -> str | None:
+    """None when usable, else the reason (wrong shape, NaN, degenerate eyes)."""
+    lm = np.asarray(landmarks, dtype=np.float64) if landmarks is not None else None
+    if lm is None or lm.size == 0:
+        return "no landmarks"
+    if lm.shape != (N_POINTS[layout], 2):
+        return f"landmarks have shape {tuple(lm.shape)}, expected ({N_POINTS[layout]}, 2) for {layout}"
+    if not np.isfinite(lm).all():
+        return "landmarks contain NaN/inf"
+    eyes = eye_centres(lm, layout)
+    if np.linalg.norm(eyes[1] - eyes[0]) < 1.0:
+        return "degenerate landmarks (eye centres coincide)"
+    return None
+
+
+def align_face(image_bgr: np.ndarray, landmarks: np.ndarray, layout: str, size: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Warp a BGR (or gray) frame to the canonical ``size`` crop; returns (RGB uint8 S x S x 3, landmarks L x 2)."""
+    if image_bgr.ndim == 2:
+        image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2BGR)
+    elif image_bgr.shape[2] == 4:
+        image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_BGRA2BGR)
+    lm = np.asarray(landmarks, dtype=np.float64)
+    m = similarity_from_eyes(eye_centres(lm, layout), size)
+    crop = cv2.warpAffine(image_bgr, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=BORDER_VALUE)
+    out_lm = lm @ m[:, :2].T + m[:, 2]
+    return cv2.cvtColor(crop, cv2.COLOR_BGR2RGB), out_lm.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- detector
+_DETECTOR: Any = None
+
+
+def _load_detector():
+    try:
+        import dlib  # noqa: F401
+        import face_recognition_models
+    except ImportError as e:
+        raise PrepareError(
+            "this dataset ships no landmarks (or a frame lacks them) and no face/landmark detector is installed. "
+            f"Install the optional detector with `{DETECTOR_HINT}` (dlib HOG face detector + 68-point shape "
+            "predictor), or provide landmark files (see the dataset's documentation)") from e
+    import dlib
+
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
+
+    def detect(image_bgr: np.ndarray) -> np.ndarray | None:
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB) if image_bgr.ndim == 3 else image_bgr
+        faces = detector(rgb, 1)
+        if not faces:
+            return None
+        face = max(faces, key=lambda r: r.width() * r.height())
+        shape = predictor(rgb, face)
+        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+
+    return detect
+
+
+def detect_landmarks(image_bgr: np.ndarray) -> np.ndarray | None:
+    """iBUG-68 landmarks of the largest face, or None when no face is found. The dlib detector is loaded lazily
+    once per process; :class:`PrepareError` naming ``pip install dlib-bin face-recognition-models`` if missing."""
+    global _DETECTOR
+    if _DETECTOR is None:
+        _DETECTOR = _load_detector()
+    return _DETECTOR(image_bgr)
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+_NUM = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def read_landmark_text(path: str | os.PathLike, n_points: int | None = None) -> np.ndarray:
+    """Landmarks from a text file: ``x y`` per line (CK+ ``*_landmarks.txt``), an iBUG ``.pts`` file
+    (``version``/``n_points``/``{ }``), or one line ``x1 y1 x2 y2 ...``. Raises PrepareError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot read landmark file ({e})") from e
+    body = text
+    if "{" in text:
+        body = text[text.index("{") + 1: text.rindex("}") if "}" in text else len(text)]
+    vals = [float(v) for v in _NUM.findall(body)]
+    if len(vals) % 2 or not vals:
+        raise PrepareError(f"{path}: landmark file holds {len(vals)} numbers; expected x y pairs")
+    lm = np.asarray(vals, dtype=np.float32).reshape(-1, 2)
+    if n_points is not None and len(lm) != n_points:
+        raise PrepareError(f"{path}: {len(lm)} landmarks, expected {n_points}")
+    return lm
+
+
+_ZIP: dict[str, Any] = {}
+
+
+def _zip_member(path: str) -> np.ndarray | None:
+    import zipfile
+
+    archive, member = path.split("::", 1)
+    zf = _ZIP.get(archive)
+    if zf is None:
+        for old in _ZIP.values():
+            old.close()
+        _ZIP.clear()
+        try:
+            zf = _ZIP[archive] = zipfile.ZipFile(archive)
+        except (OSError, zipfile.BadZipFile):
+            return None
+    try:
+        return np.frombuffer(zf.read(member), dtype=np.uint8)
+    except (KeyError, OSError, zipfile.BadZipFile):
+        return None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray | None:
+    """BGR image or None when unreadable (missing, truncated, not an image). ``archive.zip::member`` reads a
+    member of a zip archive (BP4D/BP4D+ ship ``2D+3D/<subject>.zip``)."""
+    path = str(path)
+    if "::" in path:
+        data = _zip_member(path)
+    else:
+        data = np.fromfile(path, dtype=np.uint8) if os.path.exists(path) else None
+    if data is None or data.size == 0:
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+def frame_number(name: str) -> int | None:
+    """Frame number from a file name: the last run of digits in the stem (``0012.jpg``, ``S005_001_00000011``)."""
+    digits = re.findall(r"\d+", Path(name).stem)
+    return int(digits[-1]) if digits else None
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise PrepareError(f"{path}: folder not found ({what}). Is --src the root of the distribution as shipped?")
+    return path
+
+
+def loadmat(path: str | os.PathLike) -> dict:
+    try:
+        import scipy.io
+    except ImportError as e:  # pragma: no cover - scipy is installed with the suite
+        raise PrepareError(f"{path}: reading .mat landmark files needs scipy (pip install scipy), or convert them "
+                           "to the documented text alternative") from e
+    try:
+        return scipy.io.loadmat(str(path))
+    except Exception as e:  # noqa: BLE001 - scipy raises several types for corrupt files
+        raise PrepareError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from e
+
+
+# ---------------------------------------------------------------------------------------------------- jobs
+@dataclass
+class Frame:
+    """One frame of a job: where its pixels and landmarks come from and its index row."""
+
+    row: dict[str, Any]
+    image: str | None = None  # image file; None when the job reads a video (``video_index`` set)
+    video_index: int | None = None  # 0-based frame index in the job's video
+    landmarks: np.ndarray | None = None  # source-image landmarks, or None -> ``landmark_file`` / detector
+    landmark_file: str | None = None
+    landmark_reader: str | None = None  # "text", "disfa_mat"; how to read landmark_file
+    file: str = ""  # the name used in the report
+
+
+@dataclass
+class Job:
+    """A unit of parallel work (one sequence / video chunk); ``key`` must be unique and stable."""
+
+    key: str
+    frames: list[Frame]
+    video: str | None = None
+    report: list[tuple[str, str]] = field(default_factory=list)  # problems found while listing the job
+    detector: bool = False  # frames without landmarks go to the dlib detector (else: report "no landmarks")
+
+
+@dataclass
+class Settings:
+    image_size: int
+    layout: str
+
+
+def _read_frame_landmarks(fr: Frame, layout: str) -> tuple[np.ndarray | None, str | None]:
+    if fr.landmarks is not None:
+        return np.asarray(fr.landmarks, dtype=np.float32), None
+    if fr.landmark_file is None:
+        return None, None
+    p = Path(fr.landmark_file)
+    if not p.exists():
+        return None, f"landmark file missing: {p}"
+    try:
+        if fr.landmark_reader == "disfa_mat":
+            return read_disfa_landmarks(p), None
+        return read_landmark_text(p), None
+    except PrepareError as e:
+        return None, str(e)
+
+
+def read_disfa_landmarks(path: Path) -> np.ndarray:
+    """DISFA ``Landmark_Points/SNxxx/tmp_frame_lm/*_lm.mat`` (variable ``pts``, 66 x 2), or the text alternative
+    ``*_lm.txt`` (66 lines ``x y``)."""
+    if path.suffix.lower() == ".txt":
+        return read_landmark_text(path, 66)
+    mat = loadmat(path)
+    if "pts" not in mat:
+        raise PrepareError(f"{path}: no variable 'pts' (variables: {sorted(k for k in mat if not k.startswith('__'))})")
+    pts = np.asarray(mat["pts"], dtype=np.float32)
+    if pts.shape == (2, 66):
+        pts = pts.T
+    if pts.shape != (66, 2):
+        raise PrepareError(f"{path}: 'pts' has shape {pts.shape}, expected (66, 2)")
+    return pts
+
+
+class _VideoReader:
+    """Sequential reader of a job's video; frames requested in increasing order."""
+
+    def __init__(self, path: str, start: int):
+        self.path = path
+        self.cap = cv2.VideoCapture(path)
+        self.ok = self.cap.isOpened()
+        self.pos = 0
+        if self.ok and start > 0:
+            self.cap.set(cv2.CAP_PROP_POS_FRAMES, start)
+            if int(self.cap.get(cv2.CAP_PROP_POS_FRAMES)) == start:
+                self.pos = start
+            else:  # seeking unsupported: reopen and skip
+                self.cap.release()
+                self.cap = cv2.VideoCapture(path)
+        self.ended_at: int | None = None
+
+    def get(self, idx: int) -> np.ndarray | None:
+        if not self.ok or self.ended_at is not None:
+            return None
+        while self.pos < idx:
+            if not self.cap.grab():
+                self.ended_at = self.pos
+                return None
+            self.pos += 1
+        ok, frame = self.cap.read()
+        if not ok:
+            self.ended_at = self.pos
+            return None
+        self.pos += 1
+        return frame
+
+    def close(self):
+        self.cap.release()
+
+
+def process_job(job: Job, settings: Settings) -> tuple[np.ndarray, np.ndarray, list[dict], list[tuple[str, str]]]:
+    """Read, landmark and align every frame of ``job``. Returns images, landmarks, index rows, report lines."""
+    size, layout = settings.image_size, settings.layout
+    images, lms, rows, report = [], [], [], list(job.report)
+    video = None
+    if job.video is not None:
+        vf = [f.video_index for f in job.frames if f.video_index is not None]
+        video = _VideoReader(job.video, min(vf) if vf else 0)
+        if not video.ok:
+            report.extend((f.file or f"{job.video}#{f.video_index}", f"cannot open video {job.video}")
+                          for f in job.frames)
+            return _stack(images, lms, size, layout) + (rows, report)
+    for fr in job.frames:
+        if video is not None:
+            img = video.get(fr.video_index)
+            if img is None:
+                report.append((fr.file, f"frame {fr.video_index} unreadable: video ended after "
+                                        f"{video.ended_at} frames" if video.ended_at is not None else "unreadable frame"))
+                continue
+        else:
+            img = read_image(fr.image)
+            if img is None:
+                reason = ("unreadable image" if "::" not in fr.image and os.path.exists(fr.image)
+                          else "image missing or unreadable" if "::" in fr.image else "image missing")
+                report.append((fr.file or fr.image, reason))
+                continue
+        lm, problem = _read_frame_landmarks(fr, layout)
+        if lm is None and problem is None and job.detector:
+            lm = detect_landmarks(img)
+            if lm is None:
+                report.append((fr.file, "no face detected"))
+                continue
+            if layout != "ibug68":
+                from aurecog.data.landmarks import INTRAFACE49_FROM_IBUG68, DISFA66_FROM_IBUG68
+                lm = lm[INTRAFACE49_FROM_IBUG68 if layout == "intraface49" else DISFA66_FROM_IBUG68]
+        if lm is None:
+            report.append((fr.file, problem or "no landmarks"))
+            continue
+        bad = check_landmarks(lm, layout)
+        if bad:
+            report.append((fr.file, bad))
+            continue
+        crop, out_lm = align_face(img, lm, layout, size)
+        images.append(crop)
+        lms.append(out_lm)
+        rows.append(fr.row)
+    if video is not None:
+        video.close()
+    return _stack(images, lms, size, layout) + (rows, report)
+
+
+def _stack(images, lms, size, layout):
+    if images:
+        return np.stack(images), np.stack(lms)
+    return (np.zeros((0, size, size, 3), np.uint8), np.zeros((0, N_POINTS[layout], 2), np.float32))
+
+
+def _safe(key: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80]
+    return f"{clean}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def _work_one(args) -> str:
+    job, settings, work = args
+    images, lms, rows, report = process_job(job, settings)
+    base = Path(work) / _safe(job.key)
+    tmp = base.with_suffix(".tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, images=images, landmarks=lms)
+    os.replace(tmp, base.with_suffix(".npz"))
+    tmpj = base.with_suffix(".tmp.json")
+    tmpj.write_text(json.dumps({"key": job.key, "rows": rows, "report": report}, default=_json_default))
+    os.replace(tmpj, base.with_suffix(".json"))
+    base.with_suffix(".done").write_text("ok\n")
+    return job.key
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare_jobs(jobs: Sequence[Job], out: str | os.PathLike, *, layout: str, meta: dict[str, Any],
+                 image_size: int = DEFAULT_IMAGE_SIZE, workers: int | None = None, progress: bool = True,
+                 columns: dict[str, Any] | None = None, extra_report: Sequence[tuple[str, str]] = ()) -> Path:
+    """Process ``jobs`` (resumably, in parallel) and write the prepared dataset to ``out``.
+
+    ``columns`` maps index columns to dtypes (``int8`` labels etc.); ``extra_report`` holds lines found while
+    listing the distribution. Returns ``out``.
+    """
+    check_layout(layout)
+    out = Path(out)
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        dup = [k for k, c in Counter(keys).items() if c > 1]
+        raise PrepareError(f"internal error: duplicate job keys {dup[:5]}")
+    work = out.with_name(out.name + ".work")
+    stamp = {"name": meta.get("name"), "image_size": image_size, "layout": layout,
+             "meta": hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()}
+    stamp_file = work / "settings.json"
+    if work.exists():
+        try:
+            old = json.loads(stamp_file.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != stamp:
+            print(f"[prepare] {work} holds chunks of a different preparation; starting over", file=sys.stderr)
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(json.dumps(stamp))
+    settings = Settings(image_size=image_size, layout=layout)
+    pending = [j for j in jobs if not (work / _safe(j.key)).with_suffix(".done").exists()]
+    if len(pending) < len(jobs):
+        print(f"[prepare] resuming: {len(jobs) - len(pending)} of {len(jobs)} chunks already done in {work}")
+    workers = default_workers() if not workers else int(workers)
+    tasks = [(j, settings, str(work)) for j in pending]
+    bar = _bar(len(jobs), progress, f"prepare {meta.get('name')}", initial=len(jobs) - len(pending))
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                _work_one(t)
+                bar.update(1)
+        else:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(min(workers, len(tasks))) as pool:
+                for _ in pool.imap_unordered(_work_one, tasks):
+                    bar.update(1)
+    finally:
+        bar.close()
+    return _merge(jobs, work, out, layout, meta, image_size, columns or {}, extra_report, progress)
+
+
+def _bar(total, progress, desc, initial=0):
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="chunk", initial=initial)
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+def _merge(jobs, work, out, layout, meta, image_size, columns, extra_report, progress) -> Path:
+    parts = []
+    n = 0
+    for j in jobs:
+        base = work / _safe(j.key)
+        info = json.loads(base.with_suffix(".json").read_text())
+        parts.append((base, info))
+        n += len(info["rows"])
+    report = list(extra_report)
+    for _, info in parts:
+        report.extend(tuple(r) for r in info["report"])
+    if n == 0:
+        _write_report(out.with_name(out.name + ".report.csv"), report)
+        raise PrepareError(
+            f"no frame could be prepared ({len(report)} problems, listed in {out.name}.report.csv next to {out}); "
+            "check --src")
+    writer = PreparedWriter(out, n, image_size, layout)
+    rows = []
+    pos = 0
+    bar = _bar(len(parts), progress, "merge")
+    for base, info in parts:
+        k = len(info["rows"])
+        if k:
+            with np.load(base.with_suffix(".npz")) as z:
+                writer.images[pos:pos + k] = z["images"]
+                writer.landmarks[pos:pos + k] = z["landmarks"]
+            rows.extend(info["rows"])
+            pos += k
+        bar.update(1)
+    bar.close()
+    index = pd.DataFrame(rows)
+    for col, dtype in columns.items():
+        if col in index.columns:
+            index[col] = index[col].astype(dtype)
+    for col in index.columns:
+        if re.fullmatch(r"AU\d+(_int)?", col) or col == "expression":
+            index[col] = index[col].fillna(UNKNOWN).astype(np.int8)
+    index["frame"] = index["frame"].astype(np.int64)
+    for col in ("dataset", "subject", "session"):
+        index[col] = index[col].astype(str)
+    reasons = Counter(reason_kind(r) for _, r in report)
+    meta = dict(meta, n_reported=len(report), report_reasons=dict(reasons),
+                alignment={"method": "similarity transform on the eye centres",
+                           "canonical_eyes": [list(e) for e in CANONICAL_EYES], "border": list(BORDER_VALUE)})
+    _write_report(writer.tmp_dir / "report.csv", report)
+    writer.finalize(index, meta)
+    shutil.rmtree(work, ignore_errors=True)
+    old_report = out.with_name(out.name + ".report.csv")
+    if old_report.exists():
+        old_report.unlink()
+    _summary(meta.get("name"), out, n, report, reasons)
+    return out
+
+
+def reason_kind(reason: str) -> str:
+    """A report reason without its file names and numbers, for the summary counts."""
+    return re.sub(r"\d+", "N", str(reason).split(": ")[0].split(" in /")[0]).strip()
+
+
+def _write_report(path: Path, report):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "reason"])
+        w.writerows(report)
+
+
+def _summary(name, out, n, report, reasons):
+    print(f"[prepare] {name}: wrote {n} frames to {out}")
+    if report:
+        print(f"[prepare] {len(report)} frames/files not prepared, listed in {out / 'report.csv'}:")
+        for reason, c in reasons.most_common(10):
+            print(f"    {c:8d}  {reason}")
+    else:
+        print("[prepare] nothing reported: every listed frame was prepared")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def read_int_table(path: Path, *, header: bool, ncols: int | None = None, sep: str = ",") -> np.ndarray:
+    """An integer CSV/TXT table; PrepareError naming the file on a wrong column count or non-integers."""
+    try:
+        rows = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot read ({e})") from e
+    if header:
+        rows = rows[1:]
+    out = []
+    for i, ln in enumerate(rows, start=2 if header else 1):
+        parts = [p.strip() for p in (ln.split(sep) if sep else ln.split())]
+        if ncols is not None and len(parts) != ncols:
+            raise PrepareError(f"{path}: line {i} has {len(parts)} columns, expected {ncols}")
+        try:
+            out.append([int(round(float(p))) for p in parts])
+        except ValueError as e:
+            raise PrepareError(f"{path}: line {i} is not numeric: {ln[:80]!r}") from e
+    if out and len({len(r) for r in out}) > 1:
+        raise PrepareError(f"{path}: rows have different column counts")
+    return np.asarray(out, dtype=np.int64).reshape(len(out), -1 if out else (ncols or 0))
+
+
+def chunked(key: str, frames: list[Frame], size: int = 500, **job_kwargs) -> list[Job]:
+    """Cut a sequence into jobs of at most ``size`` frames (bounded worker memory: 500 x 256^2 x 3 = 98 MB)."""
+    if not frames:
+        return [Job(key=key, frames=[], **job_kwargs)]
+    return [Job(key=f"{key}#{i // size:05d}", frames=frames[i:i + size], **job_kwargs)
+            for i in range(0, len(frames), size)]
+
+
+def au_name(k: int | str) -> str:
+    return f"AU{int(k)}"
+
+
+def int8_columns(aus: Sequence[str], intensity_aus: Sequence[str] = (), expression: bool = False) -> dict:
+    cols = {a: np.int8 for a in aus}
+    cols.update({f"{a}_int": np.int8 for a in intensity_aus})
+    if expression:
+        cols["expression"] = np.int8
+    return cols
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+def _lazy(module: str, function: str = "prepare") -> Callable:
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f"aurecog.data.{module}"), function)(*args, **kwargs)
+
+    call.__name__ = f"prepare_{module}"
+    call.__doc__ = f"aurecog.data.{module}.{function} (imported on first use)"
+    return call
+
+
+#: dataset name -> ``prepare(src, out, workers=None, image_size=256, progress=True, **options)``
+PREPARERS: dict[str, Callable] = {
+    "bp4d": _lazy("bp4d"),
+    "bp4dplus": _lazy("bp4dplus"),
+    "disfa": _lazy("disfa"),
+    "gft": _lazy("gft"),
+    "generic": _lazy("gft", "prepare_generic"),
+    "affwild2": _lazy("affwild2"),
+    "fermix": _lazy("fermix"),
+}
+
+
+def run(dataset: str, src: str | os.PathLike, out: str | os.PathLike, workers: int | None = None,
+        image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True, **options) -> Path:
+    """Prepare ``dataset`` from the distribution folder ``src`` into the prepared folder ``out``."""
+    if dataset not in PREPARERS:
+        raise PrepareError(f"no preparer for {dataset!r}; known: {', '.join(sorted(PREPARERS))}")
+    src = Path(src)
+    if not src.is_dir():
+        raise PrepareError(f"--src {src} is not a folder")
+    if int(image_size) < 16:
+        raise PrepareError(f"image_size {image_size} is too small")
+    return PREPARERS[dataset](src, Path(out), workers=workers, image_size=int(image_size), progress=progress,
+                              **options)
