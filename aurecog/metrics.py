@@ -24,29 +24,35 @@ UNKNOWN = -1
 AU_THRESHOLD = 0.5  # frame-based F1 at probability 0.5 (notes A.11; all four papers)
 
 
-def icc31(pred: Tensor, target: Tensor) -> Tensor:
-    """ICC(3,1) per column of two (N, C) tensors: (BMS - EMS) / (BMS + (k - 1) EMS) with k = 2 raters.
+def icc31_ratings(x: Tensor) -> Tensor:
+    """ICC(3,1) of an (N targets, k raters[, C]) table: (BMS - EMS) / (BMS + (k - 1) EMS).
 
-    BMS is the between-targets mean square and EMS the residual mean square of the two-way ANOVA on the
-    N x 2 table [pred, target]. Columns with fewer than 2 samples or zero variance give 0.
+    Shrout & Fleiss (1979), "two-way mixed, consistency, single rater": BMS is the between-targets mean square
+    and EMS the residual mean square of the two-way ANOVA. Returns 0 where the denominator vanishes.
     """
-    if pred.ndim == 1:
-        pred, target = pred[:, None], target[:, None]
-    x = torch.stack([pred, target], dim=-1).double()  # N, C, k
-    n, k = x.shape[0], 2
+    x = x.double()
+    if x.ndim == 2:
+        x = x[:, :, None]
+    n, k = x.shape[0], x.shape[1]
     if n < 2:
-        return torch.zeros(x.shape[1], dtype=torch.float64)
-    grand = x.mean(dim=(0, 2))
-    row_means = x.mean(dim=2)  # N, C
-    col_means = x.mean(dim=0)  # C, k
-    ss_rows = k * ((row_means - grand) ** 2).sum(0)
-    ss_cols = n * ((col_means - grand[:, None]) ** 2).sum(-1)
-    ss_total = ((x - grand[None, :, None]) ** 2).sum(dim=(0, 2))
+        return torch.zeros(x.shape[2], dtype=torch.float64)
+    grand = x.mean(dim=(0, 1))  # C
+    ss_rows = k * ((x.mean(dim=1) - grand) ** 2).sum(0)
+    ss_cols = n * ((x.mean(dim=0) - grand) ** 2).sum(0)
+    ss_total = ((x - grand) ** 2).sum(dim=(0, 1))
     ss_err = ss_total - ss_rows - ss_cols
     bms = ss_rows / (n - 1)
     ems = ss_err / ((n - 1) * (k - 1))
     denom = bms + (k - 1) * ems
     return torch.where(denom > 0, (bms - ems) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+
+
+def icc31(pred: Tensor, target: Tensor) -> Tensor:
+    """ICC(3,1) per column between predictions and labels, (N,) or (N, C): the two 'raters' of the AU
+    intensity literature (FERA, RE-Net Table 4)."""
+    if pred.ndim == 1:
+        pred, target = pred[:, None], target[:, None]
+    return icc31_ratings(torch.stack([pred, target], dim=1))
 
 
 class MaskedIntensity(Metric):
@@ -163,7 +169,8 @@ class TaskMetrics(nn.Module):
             self.acc.update(scores, t)
         elif self.kind == "intensity":
             self.intensity.update(scores, target)
-            occ_t = torch.where(target < 0, torch.full_like(target, UNKNOWN), (target >= self.positive_threshold).float())
+            present = (target >= self.positive_threshold).float()
+            occ_t = torch.where(target < 0, torch.full_like(target, UNKNOWN), present)
             self.f1.update((scores >= self.positive_threshold).float(), occ_t.long())
         else:
             self.acc.update(scores, target.long())

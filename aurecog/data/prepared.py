@@ -98,6 +98,11 @@ class PreparedWriter:
         return self.out_dir
 
 
+def _values(col: pd.Series) -> list:
+    """Distinct values as plain Python numbers (so error messages read `[9]`, not numpy reprs)."""
+    return [v.item() if hasattr(v, "item") else v for v in pd.unique(col)]
+
+
 def validate_index(index: pd.DataFrame, meta: dict[str, Any], where: str) -> None:
     """Check the label table against meta; raise with the offending column and values."""
     missing = [k for k in REQUIRED_META if k not in meta]
@@ -111,20 +116,20 @@ def validate_index(index: pd.DataFrame, meta: dict[str, Any], where: str) -> Non
     if absent:
         raise PreparedFormatError(f"{where}/index.parquet lacks columns {absent}")
     for au in meta["aus"]:
-        bad = set(np.unique(index[au_column(au)])) - {0, 1, UNKNOWN}
+        bad = set(_values(index[au_column(au)])) - {0, 1, UNKNOWN}
         if bad:
             raise PreparedFormatError(
                 f"{where}: column {au} has values {sorted(bad)}; occurrence labels must be 0, 1 or {UNKNOWN} "
                 "(translate the dataset's own unknown code when preparing)")
     for au in meta["intensity_aus"]:
-        vals = set(np.unique(index[intensity_column(au)]))
+        vals = set(_values(index[intensity_column(au)]))
         bad = vals - set(range(MAX_INTENSITY + 1)) - {UNKNOWN}
         if bad:
             raise PreparedFormatError(
                 f"{where}: column {intensity_column(au)} has values {sorted(bad)}; intensities must be 0-5 or {UNKNOWN}")
     if meta["expressions"]:
         k = len(meta["expressions"])
-        bad = set(np.unique(index["expression"])) - set(range(k)) - {UNKNOWN}
+        bad = set(_values(index["expression"])) - set(range(k)) - {UNKNOWN}
         if bad:
             raise PreparedFormatError(
                 f"{where}: column expression has values {sorted(bad)}; expected 0..{k - 1} or {UNKNOWN}")

@@ -121,6 +121,30 @@ class HistoryCallback(L.Callback):
         self.rows.append(row)
 
 
+class StatusCallback(L.Callback):
+    """Writes the cell's progress (phase, batches done/total) to a small JSON file the grid runner polls."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._last = 0.0
+
+    def _write(self, phase: str, done: int, total: int, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < 0.5:
+            return
+        self._last = now
+        atomic_write_json(self.path, {"phase": phase, "done": done, "total": max(total, 1)})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 0:
+            total = int(trainer.estimated_stepping_batches)
+            self._write(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", trainer.global_step, total)
+
+    def on_test_start(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            self._write("test", 1, 1, force=True)
+
+
 def _trainer_kwargs(cfg: dict) -> dict:
     t = dict(cfg.get("trainer", {}))
     devices = t.get("devices", 1)
@@ -180,7 +204,8 @@ def predictions_frame(dm, preds: dict, names: list[str], kind: str) -> pd.DataFr
 
 
 def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | None = None,
-             wandb_mode: str = "offline", ckpt_root: Path | None = None, progress: bool = True) -> dict | None:
+             wandb_mode: str = "offline", ckpt_root: Path | None = None, progress: bool = True,
+             status_path: str | None = None) -> dict | None:
     """Train/select/test one cell. Returns the metrics dict (rank 0) or None (other ranks)."""
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -191,6 +216,7 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     run_dir = Path(run_dir)
     L.seed_everything(seed, workers=True)
     torch.set_float32_matmul_precision("high")
+    cfg = dict(cfg, fold=fold, seed=seed)
     dm = build_datamodule(cfg, fold, data_root, progress=progress)
     dm.setup("fit")
     model = build_model(cfg, dm.task_spec, dm.stats)
@@ -205,6 +231,8 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
                                  auto_insert_metric_name=False, enable_version_counter=False)]
     history = HistoryCallback()
     callbacks.append(history)
+    if status_path:
+        callbacks.append(StatusCallback(status_path))
     patience = cfg.get("trainer", {}).get("early_stopping_patience")
     if patience and has_val:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(patience)))
@@ -288,15 +316,47 @@ def _wandb_test_extras(logger, dm, model, res, metrics) -> None:
         print(f"warning: could not log sample images to W&B: {e}", file=sys.stderr)
 
 
+def evaluate_checkpoint(ckpt: str | Path, out_json: str | Path, devices: int = 1, data_root: str | None = None,
+                        accelerator: str = "cpu") -> dict | None:
+    """Test a stored checkpoint on its fold with ``devices`` processes (DDP when > 1); rank 0 writes metrics.
+
+    Every test sample is scored exactly once whatever the number of processes (UnrepeatedDistributedSampler
+    in the DataModule, cat-reduced metric states), so the result must equal a single-process run.
+    """
+    import torch
+
+    from aurecog.models.registry import family_class
+
+    hp = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
+    cfg = hp["cfg"]
+    model = family_class(cfg["model"]["family"]).load_from_checkpoint(ckpt, map_location="cpu")
+    dm = build_datamodule(cfg, int(cfg.get("fold", 0)), data_root, progress=False)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, enable_checkpointing=False)
+    trainer.test(model, datamodule=dm, verbose=False)
+    if trainer.global_rank != 0:
+        return None
+    res = model.test_results
+    out = {"metrics": res["metrics"], "n_test": int(len(res["predictions"]["sample"])),
+           "samples": sorted(res["predictions"]["sample"].tolist()), "world_size": trainer.world_size}
+    atomic_write_json(Path(out_json), out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m aurecog.runner.cell <spec.json>", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
+    if os.environ.get("AURECOG_TORCH_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["AURECOG_TORCH_THREADS"]))
     run_cell(spec["config"], spec["fold"], spec["seed"], Path(spec["run_dir"]), data_root=spec.get("data_root"),
              wandb_mode=spec.get("wandb_mode", "offline"), ckpt_root=spec.get("ckpt_root"),
-             progress=spec.get("progress", True))
+             progress=spec.get("progress", True), status_path=spec.get("status_path"))
     return 0
 
 

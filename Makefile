@@ -1,0 +1,60 @@
+# aurecog: the two commands are `make bench` and `make test`; both build the project's own virtual environment
+# (.venv) on first use and refresh it when pyproject.toml changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.aurecog-installed
+
+DATASET ?= synth
+MODELS ?= default
+FOLDS ?= all
+SEEDS ?= 0
+PROFILE ?=
+PROTOCOL ?=
+DATA_ROOT ?=
+JOBS ?= 1
+WANDB ?=
+LAUNCHER ?= local
+SRC ?=
+ARGS ?=
+
+BENCH_ARGS := --dataset $(DATASET) --models $(MODELS) --folds $(FOLDS) --seeds $(SEEDS) --jobs $(JOBS) \
+	--launcher $(LAUNCHER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) \
+	$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
+
+.PHONY: bench test leaderboard perf prepare synth lint env clean-cache
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+bench: $(STAMP)
+	$(PY) -m aurecog.cli bench $(BENCH_ARGS)
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
+
+leaderboard: $(STAMP)
+	$(PY) -m aurecog.cli leaderboard $(if $(filter-out synth,$(DATASET)),--dataset $(DATASET),)
+
+perf: $(STAMP)
+	$(PY) benchmarks/run_all.py $(ARGS)
+
+prepare: $(STAMP)
+	@test -n "$(SRC)" || { echo "usage: make prepare DATASET=<name> SRC=<distribution folder> DATA_ROOT=<prepared root>"; exit 2; }
+	@test -n "$(DATA_ROOT)" || { echo "usage: make prepare DATASET=<name> SRC=<distribution folder> DATA_ROOT=<prepared root>"; exit 2; }
+	$(PY) -m aurecog.cli prepare $(DATASET) --src $(SRC) --out $(DATA_ROOT)/$(DATASET)
+
+synth: $(STAMP)
+	$(PY) -m aurecog.cli synth --preset $(DATASET) --sheet
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean-cache:
+	rm -rf cache checkpoints logs

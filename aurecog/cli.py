@@ -1,0 +1,219 @@
+"""``aurecog`` command line: bench, leaderboard, evaluate, synth, prepare, models, datasets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from aurecog.config import REPO_ROOT
+
+
+def _wandb_mode(arg: str | None) -> str:
+    """W&B mode: explicit flag > WANDB env/var (online|offline|disabled) > offline. Never waits on the network."""
+    mode = (arg or os.environ.get("WANDB") or os.environ.get("WANDB_MODE") or "offline").lower()
+    if mode in ("dryrun",):
+        mode = "offline"
+    if mode not in ("online", "offline", "disabled"):
+        raise SystemExit(f"error: W&B mode must be online, offline or disabled, got {mode!r}")
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path.home().joinpath(".netrc").exists()):
+        print("W&B online requested but no credentials found (WANDB_API_KEY or `wandb login`); logging offline. "
+              "Upload later with `wandb sync results/runs/<dataset>/*/*/wandb/offline-run-*`.", file=sys.stderr)
+        mode = "offline"
+    return mode
+
+
+def cmd_bench(a) -> int:
+    from rich.console import Console
+
+    from aurecog.runner import grid, leaderboard
+
+    console = Console(stderr=True)
+    if a.data_root and not Path(a.data_root).is_dir():
+        raise SystemExit(f"error: DATA_ROOT {a.data_root} is not a folder. Prepare datasets with "
+                         "`make prepare DATASET=<name> SRC=<distribution> DATA_ROOT=<folder>`.")
+    cells = grid.expand(a.dataset, a.models, a.folds, a.seeds, a.profile, a.protocol, Path(a.results), a.set)
+    mode = _wandb_mode(a.wandb)
+    _check_data(a.dataset, a.data_root)
+    console.print(f"[bold]aurecog bench[/bold] dataset={a.dataset} profile={cells[0].config['profile']} "
+                  f"protocol={cells[0].config['protocol']} models={len({c.model for c in cells})} "
+                  f"cells={len(cells)} wandb={mode} launcher={a.launcher}")
+    _prepare_synth(a.dataset)
+    t0 = time.time()
+    slurm = {"partition": a.slurm_partition, "gpus_per_node": a.gpus_per_node, "nodes": a.nodes,
+             "timeout_min": a.timeout_min}
+    res = grid.run_grid(cells, a.data_root, mode, a.jobs, a.launcher, slurm, console)
+    console.print(f"done {len(res['done'])}, skipped {len(res['skipped'])}, failed {len(res['failed'])} "
+                  f"in {time.time() - t0:.0f} s")
+    if not a.no_leaderboard:
+        out = leaderboard.render(a.dataset, Path(a.results))
+        if out:
+            console.print(f"leaderboard: {out[0]}")
+            print(out[0].read_text().split("## Plots")[0])
+            leaderboard.log_summary_to_wandb(a.dataset, out[0], out[1], mode)
+    for c, _ in res["failed"]:
+        console.print(f"[red]failed: {c.key} (log {c.log_path})[/red]")
+    return 1 if res["failed"] else 0
+
+
+def _check_data(dataset: str, data_root: str | None) -> None:
+    from aurecog import config as C
+    from aurecog.data.datamodule import DataRootError, open_source
+
+    cfg = C.load_dataset(dataset)
+    if cfg.get("source") == "synth":
+        return
+    try:
+        open_source(cfg, data_root)
+    except (DataRootError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _prepare_synth(dataset: str) -> None:
+    """Generate SynthAU presets once before the cells start (they would race to generate it otherwise)."""
+    from aurecog import config as C
+
+    names = [dataset]
+    cfg = C.load_dataset(dataset)
+    for p in (cfg.get("protocols") or {}).values():
+        if p.get("type") == "cross_dataset":
+            names.append(p["test_dataset"])
+    for n in names:
+        c = C.load_dataset(n)
+        if c.get("source") == "synth":
+            from aurecog.data.synth import generate
+
+            generate(c.get("preset", n))
+
+
+def cmd_leaderboard(a) -> int:
+    from aurecog.runner import leaderboard
+
+    results = Path(a.results)
+    datasets = [a.dataset] if a.dataset else sorted(p.name for p in (results / "runs").glob("*") if p.is_dir())
+    for d in datasets:
+        out = leaderboard.render(d, results, plots=not a.no_plots)
+        print(f"{d}: {out[0] if out else 'no finished runs'}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from aurecog.runner.cell import evaluate_checkpoint
+
+    evaluate_checkpoint(a.ckpt, a.out, devices=a.devices, data_root=a.data_root)
+    return 0
+
+
+def cmd_synth(a) -> int:
+    from aurecog.data.synth import contact_sheet, generate
+
+    path = generate(a.preset, seed=a.seed)
+    print(f"{a.preset}: {path}")
+    if a.sheet:
+        out = Path(a.sheet_out or REPO_ROOT / "results" / "synth" / f"contact_sheet_{a.preset}.png")
+        contact_sheet(a.preset, out, seed=a.seed)
+        print(f"contact sheet: {out}")
+    return 0
+
+
+def cmd_prepare(a) -> int:
+    from aurecog.data import prepare
+
+    prepare.run(a.dataset, a.src, a.out, workers=a.workers, image_size=a.size, progress=True)
+    return 0
+
+
+def cmd_models(a) -> int:
+    from aurecog.config import model_variants
+
+    for name, v in sorted(model_variants().items(), key=lambda kv: (kv[1]["file"], not kv[1]["main"], kv[0])):
+        flag = "*" if v["main"] else " "
+        print(f"{flag} {name:28s} group={v['group']:18s} class={v['family']:9s} {v['description']}")
+    print("* = a paper's main model (MODELS=default runs these and the baseline)")
+    return 0
+
+
+def cmd_datasets(a) -> int:
+    from aurecog import config as C
+
+    for n in C.dataset_names():
+        cfg = C.load_dataset(n)
+        print(f"{n:16s} source={cfg.get('source')} task={cfg.get('task')} protocols={','.join(cfg.get('protocols', {}))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aurecog", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("bench", help="run the model x fold x seed grid on one dataset and rebuild its leaderboard")
+    b.add_argument("--dataset", default="synth")
+    b.add_argument("--models", default="default", help="default | all | group | variant, comma-separated")
+    b.add_argument("--folds", default="all", help="all or comma-separated fold indices")
+    b.add_argument("--seeds", default="0", help="comma-separated seeds")
+    b.add_argument("--profile", default=None, help="quick | paper (default: the dataset's default_profile)")
+    b.add_argument("--protocol", default=None)
+    b.add_argument("--data-root", default=os.environ.get("DATA_ROOT") or None)
+    b.add_argument("--results", default=str(REPO_ROOT / "results"))
+    b.add_argument("--jobs", type=int, default=1, help="cells run at once (local launcher)")
+    b.add_argument("--launcher", default="local", choices=["local", "submitit-local", "slurm"])
+    b.add_argument("--slurm-partition", default=None)
+    b.add_argument("--gpus-per-node", type=int, default=1)
+    b.add_argument("--nodes", type=int, default=1)
+    b.add_argument("--timeout-min", type=int, default=24 * 60)
+    b.add_argument("--wandb", default=None, help="online | offline | disabled (default: $WANDB or offline)")
+    b.add_argument("--set", action="append", default=[], help="config override key.sub=value (repeatable)")
+    b.add_argument("--no-leaderboard", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+
+    lb = sub.add_parser("leaderboard", help="rebuild leaderboards from stored run folders (no training)")
+    lb.add_argument("--dataset", default=None)
+    lb.add_argument("--results", default=str(REPO_ROOT / "results"))
+    lb.add_argument("--no-plots", action="store_true")
+    lb.set_defaults(fn=cmd_leaderboard)
+
+    e = sub.add_parser("evaluate", help="test a checkpoint on its fold (devices > 1: DDP, each sample once)")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--devices", type=int, default=1)
+    e.add_argument("--data-root", default=os.environ.get("DATA_ROOT") or None)
+    e.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("synth", help="generate a SynthAU preset (cached) and optionally its contact sheet")
+    s.add_argument("--preset", default="synth")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sheet", action="store_true")
+    s.add_argument("--sheet-out", default=None)
+    s.set_defaults(fn=cmd_synth)
+
+    pr = sub.add_parser("prepare", help="convert a dataset distribution into the prepared format")
+    pr.add_argument("dataset")
+    pr.add_argument("--src", required=True)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pr.add_argument("--size", type=int, default=256)
+    pr.set_defaults(fn=cmd_prepare)
+
+    sub.add_parser("models", help="list registered model variants and groups").set_defaults(fn=cmd_models)
+    sub.add_parser("datasets", help="list dataset configs").set_defaults(fn=cmd_datasets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        from aurecog.config import ConfigError
+        from aurecog.runner.grid import GridError
+
+        if isinstance(e, (ConfigError, GridError, FileNotFoundError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The baseline model: forward/backward on all three task kinds, and the optimiser/schedule construction."""
+
+import pytest
+import torch
+from helpers import dataset_config, make_prepared
+
+from aurecog.config import resolve
+from aurecog.data.datamodule import AUDataModule
+from aurecog.models.registry import build_model
+
+
+@pytest.mark.parametrize("task", ["au", "intensity", "expression"])
+def test_baseline_forward_backward_all_tasks(tmp_path, task):
+    make_prepared(tmp_path / "fake", n_subjects=6, per_subject=6)
+    dm = AUDataModule(dataset_config(), task=task, data_root=str(tmp_path), input_size=32, batch_size=6)
+    dm.setup()
+    model = build_model(resolve("baseline", "synth", "quick"), dm.task_spec, dm.stats)
+    batch = next(iter(dm.train_dataloader()))
+    out = model(batch)
+    c = dm.task_spec.num_outputs
+    expected = {"au": (6, c), "intensity": (6, c, 6), "expression": (6, c)}[task]
+    assert out["logits"].shape == expected
+    loss, _ = model.compute_loss(out, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    s = model.scores(out)
+    if task == "intensity":
+        assert s.shape == (6, c) and (s >= 0).all() and (s <= 5).all()
+    elif task == "expression":
+        torch.testing.assert_close(s.sum(-1), torch.ones(6))
+
+
+def test_quick_profile_uses_narrow_backbone():
+    cfg = resolve("baseline", "synth", "quick")
+    assert cfg["backbone"]["channels"] == [16, 32, 64, 128]
+    paper = resolve("baseline", "synth", "paper")
+    assert "channels" not in paper["backbone"] and paper["data"]["input_size"] == 224
