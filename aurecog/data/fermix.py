@@ -1,0 +1,239 @@
+"""CK+, MMI and Oulu-CASIA readers and their 6-emotion mix (IERN's "MixBasic", notes 2.5/2.6).
+
+Expected layout under ``--src`` (each part may instead be given by the options ``ckplus=``, ``mmi=``, ``oulu=``)::
+
+    CK+/cohn-kanade-images/S005/001/S005_001_00000011.png
+    CK+/Landmarks/S005/001/S005_001_00000011_landmarks.txt      68 lines "x y" (iBUG 68)
+    CK+/Emotion/S005/001/S005_001_00000011_emotion.txt          one float code (327 of 593 sequences have one)
+    CK+/FACS/S005/001/S005_001_00000011_facs.txt                lines "AU intensity" for the peak frame
+    MMI/Sessions/<id>/<name>.avi                                 the session video
+    MMI/Sessions/<id>/<name>.xml                                 metadata: <Metatag Name="Emotion" Value="1..6"/>
+    MMI/Sessions/<id>/session.xml                                <subject id="N"/> -> subject "S00N"
+    Oulu-CASIA/OriginalImg/VL/Strong/P001/Anger/000.jpeg        label = the emotion folder name
+
+(``CKPlus``/``ckplus``, ``mmi``, ``OuluCASIA``/``oulu`` folder names are accepted too.)
+
+Frame selection and labels (as IERN's preprocessing, notes 2.5):
+
+* CK+: the last 3 frames of every sequence with an emotion file. Codes: 0 neutral, 1 anger, 2 contempt, 3 disgust,
+  4 fear, 5 happy, 6 sadness, 7 surprise. **Contempt (2) is dropped** for the 6-class mix (reported, as are
+  sequences without an emotion file and neutral codes). AU labels come from the FACS file of the peak (last) frame:
+  a listed AU is present (1) whatever its intensity code (0 = unspecified in CK+), an unlisted AU of the AU set
+  absent (0); the two frames before the peak have unknown (-1) AUs. Landmarks: the shipped 68-point files.
+* MMI: the middle 3 frames (n/2-1, n/2, n/2+1) of every session video with an emotion label; codes 1 anger,
+  2 disgust, 3 fear, 4 happiness, 5 sadness, 6 surprise, from the metadata xml. AUs unknown (-1). Landmarks from
+  the optional dlib detector. Not reproduced: IERN's per-subject crops/rotations of some MMI subjects (the detector
+  finds the face in the full frame instead).
+* Oulu-CASIA: visible light (VL), strong illumination, the last 3 frames of every sequence; label from the emotion
+  folder name. AUs unknown (-1). Landmarks from the detector.
+
+Subjects are written as ``<dataset>_<id>`` (``ckplus_S005``, ``mmi_S001``, ``oulu_P001``): the datasets' own
+ids overlap. The ``dataset`` index column is ``ckplus``/``mmi``/``oulu`` (the mix's confounder and the ``group_column`` of the
+``heldout_cells`` protocols); expressions are anger, disgust, fear, happiness, sadness, surprise.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+
+from aurecog.data import prepare as P
+
+EXPRESSIONS = ["anger", "disgust", "fear", "happiness", "sadness", "surprise"]
+CK_CODES = {0: "neutral", 1: "anger", 2: "contempt", 3: "disgust", 4: "fear", 5: "happiness", 6: "sadness",
+            7: "surprise"}
+MMI_CODES = {1: "anger", 2: "disgust", 3: "fear", 4: "happiness", 5: "sadness", 6: "surprise"}
+OULU_FOLDERS = {"anger": "anger", "disgust": "disgust", "fear": "fear", "happiness": "happiness", "happy": "happiness",
+                "sadness": "sadness", "sad": "sadness", "surprise": "surprise"}
+CK_AUS = [1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27]
+N_FRAMES = 3
+PART_FOLDERS = {"ckplus": ("CK+", "CKPlus", "ckplus", "CK"), "mmi": ("MMI", "mmi", "MMI-Facial-Expression"),
+                "oulu": ("Oulu-CASIA", "OuluCASIA", "oulu", "Oulu_CASIA")}
+
+
+def _unknown_aus() -> dict:
+    return {f"AU{a}": P.UNKNOWN for a in CK_AUS}
+
+
+def _row(dataset, subject, session, frame, emotion):
+    # subject ids of the three datasets overlap (CK+ S005 vs MMI S005): prefix them with the dataset
+    return {"dataset": dataset, "subject": f"{dataset}_{subject}", "session": session, "frame": int(frame),
+            "expression": EXPRESSIONS.index(emotion), **_unknown_aus()}
+
+
+def read_single_code(path: Path) -> int:
+    vals = P._NUM.findall(path.read_text())
+    if len(vals) != 1:
+        raise P.PrepareError(f"{path}: expected one emotion code, found {len(vals)} numbers")
+    return int(round(float(vals[0])))
+
+
+def read_facs(path: Path) -> dict[int, int]:
+    out = {}
+    for i, ln in enumerate(path.read_text().splitlines(), start=1):
+        vals = P._NUM.findall(ln)
+        if not vals:
+            continue
+        if len(vals) != 2:
+            raise P.PrepareError(f"{path}: line {i} has {len(vals)} columns, expected 2 (AU intensity)")
+        out[int(round(float(vals[0])))] = int(round(float(vals[1])))
+    return out
+
+
+def ckplus_jobs(root: Path, report: list) -> list[P.Job]:
+    img_root = P.require_dir(root / "cohn-kanade-images", "CK+ cohn-kanade-images/Sxxx/yyy/*.png")
+    emo_root = P.require_dir(root / "Emotion", "CK+ Emotion/Sxxx/yyy/*_emotion.txt")
+    facs_root, lm_root = root / "FACS", root / "Landmarks"
+    jobs = []
+    for sdir in sorted(p for p in img_root.iterdir() if p.is_dir()):
+        frames = []
+        for qdir in sorted(p for p in sdir.iterdir() if p.is_dir()):
+            subj, seq = sdir.name, qdir.name
+            images = P.list_images(qdir)
+            emo_files = sorted((emo_root / subj / seq).glob("*_emotion.txt"))
+            if not emo_files:
+                report.append((str(qdir), "no emotion label (CK+ labels 327 of 593 sequences); not in the mix"))
+                continue
+            code = read_single_code(emo_files[0])
+            name = CK_CODES.get(code)
+            if name is None:
+                raise P.PrepareError(f"{emo_files[0]}: emotion code {code}; expected 0-7")
+            if name not in EXPRESSIONS:
+                report.append((str(emo_files[0]), f"{name}: excluded from the 6-class mix"))
+                continue
+            if not images:
+                report.append((str(qdir), "no images"))
+                continue
+            peak = images[-1]
+            facs_files = sorted((facs_root / subj / seq).glob("*_facs.txt"))
+            facs = read_facs(facs_files[0]) if facs_files else None
+            if facs is None:
+                report.append((str(facs_root / subj / seq), "FACS file missing: AUs of the peak frame unknown"))
+            for img in images[-N_FRAMES:]:
+                row = _row("ckplus", subj, seq, P.frame_number(img.name), name)
+                if img == peak and facs is not None:
+                    row.update({f"AU{a}": int(a in facs) for a in CK_AUS})
+                frames.append(P.Frame(row=row, image=str(img), file=str(img),
+                                      landmark_file=str(lm_root / subj / seq / f"{img.stem}_landmarks.txt"),
+                                      landmark_reader="text"))
+        if frames:
+            jobs.append(P.Job(key=f"ckplus/{sdir.name}", frames=frames))
+    return jobs
+
+
+def _mmi_meta(sdir: Path) -> tuple[int | None, str | None, Path | None]:
+    code, subject, meta_file = None, None, None
+    for x in sorted(sdir.glob("*.xml")):
+        if x.name.lower() == "session.xml" or x.name.lower().endswith("-oao_aucs.xml"):
+            continue
+        try:
+            root = ET.parse(x).getroot()
+        except ET.ParseError as e:
+            raise P.PrepareError(f"{x}: malformed XML ({e})") from e
+        for tag in root.iter("Metatag"):
+            if tag.get("Name", "").lower() == "emotion" and tag.get("Value", "").strip():
+                code, meta_file = int(float(tag.get("Value"))), x
+            if tag.get("Name", "").lower() == "subject" and tag.get("Value"):
+                subject = tag.get("Value")
+    sx = sdir / "session.xml"
+    if sx.exists():
+        try:
+            for el in ET.parse(sx).getroot().iter():
+                if el.tag.lower() == "subject" and el.get("id"):
+                    subject = el.get("id")
+                    break
+        except ET.ParseError as e:
+            raise P.PrepareError(f"{sx}: malformed XML ({e})") from e
+    if subject is not None:
+        digits = re.findall(r"\d+", subject)
+        subject = f"S{int(digits[-1]):03d}" if digits else subject
+    return code, subject, meta_file
+
+
+def mmi_jobs(root: Path, report: list) -> list[P.Job]:
+    sess_root = P.require_dir(root / "Sessions", "MMI Sessions/<id>/<name>.avi")
+    jobs = []
+    for sdir in sorted((p for p in sess_root.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
+        videos = sorted(sdir.glob("*.avi"))
+        if not videos:
+            report.append((str(sdir), "no .avi video in the session"))
+            continue
+        code, subject, meta_file = _mmi_meta(sdir)
+        if code is None:
+            report.append((str(sdir), "no emotion label in the session metadata; not in the mix"))
+            continue
+        if code not in MMI_CODES:
+            report.append((str(meta_file), f"emotion code {code} not in 1-6; not in the mix"))
+            continue
+        video = videos[0]
+        cap = cv2.VideoCapture(str(video))
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if n < N_FRAMES:
+            report.append((str(video), f"video unreadable or shorter than {N_FRAMES} frames"))
+            continue
+        mid = n // 2
+        subject = subject or f"session{sdir.name}"
+        frames = [P.Frame(row=_row("mmi", subject, sdir.name, i, MMI_CODES[code]), video_index=i,
+                          file=f"{video}#frame{i}") for i in (mid - 1, mid, mid + 1)]
+        jobs.append(P.Job(key=f"mmi/{sdir.name}", frames=frames, video=str(video), detector=True))
+    return jobs
+
+
+def oulu_jobs(root: Path, report: list) -> list[P.Job]:
+    base = P.require_dir(root / "OriginalImg" / "VL" / "Strong", "Oulu-CASIA OriginalImg/VL/Strong/P0xx/<Emotion>/")
+    jobs = []
+    for sdir in sorted(p for p in base.iterdir() if p.is_dir()):
+        frames = []
+        for edir in sorted(p for p in sdir.iterdir() if p.is_dir()):
+            emo = OULU_FOLDERS.get(edir.name.lower())
+            if emo is None:
+                report.append((str(edir), "folder name is not one of the 6 emotions; skipped"))
+                continue
+            images = P.list_images(edir)
+            if len(images) < N_FRAMES:
+                report.append((str(edir), f"{len(images)} images; fewer than {N_FRAMES}"))
+            for img in images[-N_FRAMES:]:
+                frames.append(P.Frame(row=_row("oulu", sdir.name, edir.name, P.frame_number(img.name), emo),
+                                      image=str(img), file=str(img)))
+        if frames:
+            jobs.append(P.Job(key=f"oulu/{sdir.name}", frames=frames, detector=True))
+    return jobs
+
+
+def _find(src: Path, part: str, given) -> Path:
+    if given:
+        return P.require_dir(Path(given), f"{part} root")
+    for name in PART_FOLDERS[part]:
+        if (src / name).is_dir():
+            return src / name
+    raise P.PrepareError(f"{src}: no {part} folder (expected one of {list(PART_FOLDERS[part])}, or pass {part}=<path>)")
+
+
+def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=True, *, ckplus=None, mmi=None,
+            oulu=None, parts=("ckplus", "mmi", "oulu")):
+    """Prepare the CK+/MMI/Oulu-CASIA 6-emotion mix (last/middle 3 frames per sequence, see the module docstring)."""
+    src, out = Path(src), Path(out)
+    given = {"ckplus": ckplus, "mmi": mmi, "oulu": oulu}
+    builders = {"ckplus": ckplus_jobs, "mmi": mmi_jobs, "oulu": oulu_jobs}
+    unknown = set(parts) - set(builders)
+    if unknown:
+        raise P.PrepareError(f"unknown parts {sorted(unknown)}; expected ckplus, mmi, oulu")
+    jobs, report = [], []
+    for part in parts:
+        jobs.extend(builders[part](_find(src, part, given[part]), report))
+    aus = [f"AU{a}" for a in CK_AUS]
+    meta = {
+        "name": "fermix", "aus": aus, "intensity_aus": [], "expressions": list(EXPRESSIONS), "datasets": list(parts),
+        "positive_threshold": 1,
+        "label_conventions": "expression from CK+ Emotion codes (contempt and neutral dropped), MMI metadata Emotion "
+                             "1-6, Oulu-CASIA folder names (VL/Strong); AUs only for the CK+ peak frame (FACS file: "
+                             "listed = 1, else 0), -1 elsewhere",
+        "frames_per_sequence": N_FRAMES,
+        "landmark_source": "CK+ Landmarks (68 points); dlib detector for MMI and Oulu-CASIA",
+    }
+    return P.prepare_jobs(jobs, out, layout="ibug68", meta=meta, image_size=image_size, workers=workers,
+                          progress=progress, columns=P.int8_columns(aus, expression=True), extra_report=report)
