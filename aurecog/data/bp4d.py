@@ -2,8 +2,8 @@
 
 Expected layout under ``--src`` (the distribution as shipped, zips may stay zipped)::
 
-    AUCoding/AU_OCC/<Subj>_<Task>.csv            occurrence: header row of integers, column "0" = frame number,
-                                                 column "k" = AU k (0/1, 9 = unknown)
+    AUCoding/AU_OCC/<Subj>_<Task>.csv            occurrence: header row, first column = frame number (named "0"
+                                                 in BP4D), column "k" (or "AUk") = AU k (0/1, 9 = unknown)
     AUCoding/AU_INT/AU06/<Subj>_<Task>_AU06.csv  intensity (optional): no header, rows "frame,intensity",
                                                  0-5, 9 = unknown; AUs 6, 10, 12, 14, 17
     2DFeatures/<Subj>_<Task>.mat                 49 IntraFace landmarks per frame (see below)
@@ -72,16 +72,16 @@ def read_occurrence(path: Path, aus: list[int]) -> tuple[np.ndarray, np.ndarray]
     if not lines:
         raise P.PrepareError(f"{path}: empty occurrence file")
     header = [h.strip().strip('"') for h in lines[0].split(",")]
-    try:
-        cols = [int(float(h)) for h in header]
-    except ValueError as e:
-        raise P.PrepareError(f"{path}: header must name integer columns (0 = frame, k = AU k), got {header[:6]}") from e
-    missing = [a for a in aus if a not in cols]
-    if missing or cols[0] != 0:
-        raise P.PrepareError(f"{path}: header lacks columns {['0'] if cols[0] != 0 else missing} "
-                             f"(has {len(cols)} columns)")
+    cols: list[int | None] = [0]  # the first column is the frame number whatever its name ("0" in BP4D)
+    for h in header[1:]:
+        digits = re.findall(r"\d+", h)
+        cols.append(int(digits[-1]) if digits else None)  # "12", "AU12", "AU_12" name AU 12
+    missing = [a for a in aus if a not in cols[1:]]
+    if missing:
+        raise P.PrepareError(f"{path}: header lacks AU columns {missing} (has {len(cols)} columns: "
+                             f"{header[:8]}...)")
     table = P.read_int_table(path, header=True, ncols=len(cols))
-    labels = table[:, [cols.index(a) for a in aus]]
+    labels = table[:, [cols.index(a, 1) for a in aus]]
     bad = set(np.unique(labels).tolist()) - {0, 1, UNKNOWN_CODE}
     if bad:
         raise P.PrepareError(f"{path}: occurrence values {sorted(bad)}; expected 0, 1 or {UNKNOWN_CODE} (unknown)")
