@@ -69,6 +69,10 @@ def test_every_configured_protocol_is_subject_exclusive(name):
         else:
             subjects = [f"S{i:02d}" for i in range(18)]
         idx = _index(subjects)
+        if proto["type"] == "fixed_split" and "column" in proto:  # assign the split column by subject
+            train_s = set(subjects[i] for i in range(len(subjects)) if i % 3)
+            idx[proto["column"]] = [proto["train_values"][0] if s in train_s else proto["test_values"][0]
+                                    for s in idx.subject]
         for fold in range(num_folds(proto)):
             tr, te = split_rows(idx, proto, fold)
             fit, val = carve_validation(idx, tr, 0.15, seed=fold)
