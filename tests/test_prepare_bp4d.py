@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures_real import BP4D_AUS, SIZE, check_aligned, make_bp4d
 
 from aurecog.data import prepare as P
 from aurecog.data.prepared import PreparedDataset
-from fixtures_real import BP4D_AUS, SIZE, check_aligned, make_bp4d
 
 
 def _key(row):
@@ -47,7 +47,7 @@ def test_bp4d_prepares_labels_landmarks_and_reports(tmp_path, mat):
         assert abs(d_out / d_src2 - 0.3 * SIZE / d_src) < 1e-3
     rep = _report(out)
     files = " ".join(rep["file"].astype(str))
-    for subj, task, f in truth["no_landmarks"]:
+    for _subj, _task, f in truth["no_landmarks"]:
         assert f"{f:04d}.jpg" in files
     for subj, task, f in truth["no_image"]:
         assert f"{subj}/{task}/{f}" in files

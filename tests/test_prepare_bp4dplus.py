@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from fixtures_real import SIZE, check_aligned, make_bp4d
 
 from aurecog import config as C
 from aurecog.data import prepare as P
 from aurecog.data.prepared import PreparedDataset
-from fixtures_real import SIZE, check_aligned, make_bp4d
 
 
 def test_bp4dplus(tmp_path):

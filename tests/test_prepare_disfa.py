@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures_real import DISFA_AUS, SIZE, check_aligned, make_disfa
 
 from aurecog.data import prepare as P
 from aurecog.data.prepared import PreparedDataset
-from fixtures_real import DISFA_AUS, SIZE, check_aligned, make_disfa
 
 EYES66 = (list(range(36, 42)), list(range(42, 48)))
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures_real import SIZE, check_aligned, disc_detector, make_ckplus, make_mmi, make_oulu
 
 from aurecog import config as C
 from aurecog.data import prepare as P
 from aurecog.data.prepared import PreparedDataset
 from aurecog.data.protocols import split_rows
-from fixtures_real import SIZE, check_aligned, disc_detector, make_ckplus, make_mmi, make_oulu
 
 EYES68 = (list(range(36, 42)), list(range(42, 48)))
 
@@ -36,7 +36,8 @@ def test_fermix_labels_frames_and_protocol(tmp_path):
     assert ds.expressions == ["anger", "disgust", "fear", "happiness", "sadness", "surprise"]
     expected = {**ck["frames"], **mmi["frames"], **oulu["frames"]}
     assert all(s.startswith(d + "_") for s, d in zip(idx.subject, idx.dataset))
-    got = {(r.dataset, r.subject.split("_", 1)[1], r.session, int(r.frame)): ds.expressions[r.expression] for r in idx.itertuples()}
+    got = {(r.dataset, r.subject.split("_", 1)[1], r.session, int(r.frame)): ds.expressions[r.expression]
+           for r in idx.itertuples()}
     assert got == expected
     assert idx.groupby("dataset").size().to_dict() == {"ckplus": 6, "mmi": 9, "oulu": 18}
     # AUs: the CK+ peak frame only, from the FACS file

@@ -28,8 +28,9 @@ Frame selection and labels (as IERN's preprocessing, notes 2.5):
   folder name. AUs unknown (-1). Landmarks from the detector.
 
 Subjects are written as ``<dataset>_<id>`` (``ckplus_S005``, ``mmi_S001``, ``oulu_P001``): the datasets' own
-ids overlap. The ``dataset`` index column is ``ckplus``/``mmi``/``oulu`` (the mix's confounder and the ``group_column`` of the
-``heldout_cells`` protocols); expressions are anger, disgust, fear, happiness, sadness, surprise.
+ids overlap. The ``dataset`` index column is ``ckplus``/``mmi``/``oulu`` (the mix's confounder and the
+``group_column`` of the ``heldout_cells`` protocols); expressions are anger, disgust, fear, happiness, sadness,
+surprise.
 """
 
 from __future__ import annotations

@@ -366,8 +366,9 @@ def process_job(job: Job, settings: Settings) -> tuple[np.ndarray, np.ndarray, l
         if video is not None:
             img = video.get(fr.video_index)
             if img is None:
-                report.append((fr.file, f"frame {fr.video_index} unreadable: video ended after "
-                                        f"{video.ended_at} frames" if video.ended_at is not None else "unreadable frame"))
+                ended = video.ended_at
+                report.append((fr.file, "unreadable frame" if ended is None
+                               else f"frame {fr.video_index} unreadable: video ended after {ended} frames"))
                 continue
         else:
             img = read_image(fr.image)
@@ -383,7 +384,7 @@ def process_job(job: Job, settings: Settings) -> tuple[np.ndarray, np.ndarray, l
                 report.append((fr.file, "no face detected"))
                 continue
             if layout != "ibug68":
-                from aurecog.data.landmarks import INTRAFACE49_FROM_IBUG68, DISFA66_FROM_IBUG68
+                from aurecog.data.landmarks import DISFA66_FROM_IBUG68, INTRAFACE49_FROM_IBUG68
                 lm = lm[INTRAFACE49_FROM_IBUG68 if layout == "intraface49" else DISFA66_FROM_IBUG68]
         if lm is None:
             report.append((fr.file, problem or "no landmarks"))
