@@ -32,9 +32,11 @@ code (their forward runs in train mode). Design choices documented here:
 * A forward before any dictionary exists (e.g. ``trainer.test`` on a fresh model) uses r_cur = 0.
 * Confounders absent from the last epoch (possible only with ``limit_train_batches``) are left out of the
   attention rather than attended with a zero prototype.
-* The bank is deliberately NOT a registered submodule: DDP (``broadcast_buffers=True``) would overwrite every
-  rank's running sums with rank 0's before each forward. It is moved to the feature device on first use and is
-  reset every epoch, so nothing of it needs checkpointing.
+* The bank is deliberately NOT a registered submodule: DDP (``broadcast_buffers=True``) copies rank 0's buffers
+  to every rank before a grad-enabled forward (every step under automatic optimisation; Lightning's manual
+  optimisation happens to suppress it after the first step), which would overwrite the other ranks' running
+  sums. Unregistered, the bank is all-reduced only by :meth:`CISNet.build_dictionary`. It is moved to the feature
+  device on use and reset every epoch, so nothing of it needs checkpointing.
 
 Loss: Eq. 6, L = -sum_i [(1 - mu_i) p_i log p^_i + mu_i (1 - p_i) log(1 - p^_i)], mu_i the AU's training
 occurrence rate (``stats.label_rate``), unknown labels masked, averaged over known entries (``loss.reduction:
@@ -191,7 +193,7 @@ class CISNet(AUModel):
         if self._skip_validation():
             self.val_metrics.reset()
             if not self.trainer.sanity_checking:
-                self.log(self.monitor, BANK_ONLY_MONITOR_VALUE)
+                self.log(self.monitor, BANK_ONLY_MONITOR_VALUE, prog_bar=True)  # same args as the base
             return
         super().on_validation_epoch_end()
 

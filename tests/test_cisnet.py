@@ -1,0 +1,244 @@
+"""CISNet (Chen et al., AAAI 2022): confounder dictionary, bank-only first epoch, CIS attention (Eqs. 3-5),
+Eq. 6 loss, checkpointing, DDP agreement, and the paper's model size (AC2D paper Table 6: 22.4M params, 4.8G MACs).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import BP4D_AUS, dataset_config, make_prepared
+from torch.utils.flop_counter import FlopCounterMode
+
+from aurecog.config import model_variants, resolve
+from aurecog.data.datamodule import AUDataModule
+from aurecog.models.cisnet import BANK_ONLY_MONITOR_VALUE, CISNet
+from aurecog.models.registry import build_model
+from aurecog.tasks import TaskSpec, TrainStats
+
+TESTS = Path(__file__).resolve().parent
+# CISNet-ResNet34, 12 AUs, 256 x 256: AC2D paper Table 6 (one multiply-add counted as one FLOP).
+PAPER_PARAMS = 22.4e6
+PAPER_MACS = 4.8e9
+
+
+def _stats(n_groups: int = 3, confounder: str = "subject", c: int = 12, rate: float = 0.3) -> TrainStats:
+    names = [f"s{i}" for i in range(n_groups)]
+    return TrainStats(n_train=10 * n_groups, label_rate=[rate] * c, n_pos=[3] * c, n_neg=[7] * c,
+                      label_corr=np.eye(c).tolist(), subjects=names, subject_counts=[10] * n_groups,
+                      confounder=confounder, confounders=names, confounder_counts=[10] * n_groups)
+
+
+def _quick_model(stats: TrainStats, task: TaskSpec | None = None) -> CISNet:
+    torch.manual_seed(0)
+    return build_model(resolve("cisnet-resnet18", "synth", "quick"), task or TaskSpec("au", BP4D_AUS), stats)
+
+
+def test_variants_registered():
+    v = model_variants()
+    assert v["cisnet"]["main"] and v["cisnet"]["group"] == "cisnet" and v["cisnet"]["family"] == "cisnet"
+    for name in ("cisnet-resnet18", "cisnet-resnet50"):
+        assert v[name]["family"] == "cisnet" and v[name]["group"] == "cisnet-ablation"
+    for depth in (18, 34, 50):
+        w = v[f"cisnet-resnet{depth}-wo"]
+        assert w["family"] == "baseline" and w["group"] == "cisnet-ablation"
+        assert w["overrides"]["backbone"]["name"] == f"resnet{depth}"
+    paper = resolve("cisnet", "synth", "paper")
+    assert paper["optim"] == {"name": "sgd", "lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+    assert paper["data"]["input_size"] == 256 and paper["data"]["batch_size"] == 4
+    assert paper["trainer"]["max_epochs"] == 15 and paper["trainer"]["early_stopping_patience"]
+    assert paper["cis"] == {"feature_dim": 512, "d_m": 256} and paper["head"]["hidden"] == 64
+
+
+def test_dictionary_is_subject_mean_and_sample_share():
+    """Banked features from a stream of batches (incl. a non-training subject, -1) -> s_i = mean, P(s_i) = n_i/N."""
+    model = _quick_model(_stats(3)).eval()  # eval: batch-norm running stats, so features are reproducible
+    g = torch.Generator().manual_seed(1)
+    stream = [(torch.randn(4, 3, 24, 24, generator=g), torch.tensor(s))
+              for s in ([0, 2, 2, -1], [1, 0, 2, 2], [2, -1, 0, 2])]
+    for i, (img, subj) in enumerate(stream):
+        assert model.training_step({"image": img, "train_subject": subj, "confounder": subj}, i) is None
+    model.on_train_epoch_end()
+    feats, subjects = [], []
+    with torch.no_grad():
+        for img, subj in stream:
+            for f, s in zip(model.features(img), subj.tolist()):
+                feats.append(f)
+                subjects.append(s)
+    counts = [subjects.count(i) for i in range(3)]  # 3, 1, 6
+    for i in range(3):
+        mean_i = sum(f for f, s in zip(feats, subjects) if s == i) / counts[i]
+        torch.testing.assert_close(model.prototypes[i], mean_i, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.priors, torch.tensor([c / sum(counts) for c in counts]))
+    assert bool(model.dictionary_ready)
+    assert model.bank.counts.sum() == 0  # reset for the next epoch
+
+
+def test_dataset_confounder_uses_confounder_index():
+    stats = _stats(2, confounder="dataset")
+    model = _quick_model(stats, TaskSpec("expression", ["anger", "happiness", "surprise"])).eval()
+    assert model.prototypes.shape[0] == stats.n_confounders
+    batch = {"image": torch.randn(3, 3, 24, 24), "train_subject": torch.tensor([-1, -1, -1]),
+             "confounder": torch.tensor([1, 1, 0]), "target": torch.tensor([0, 2, -1])}
+    model.training_step(batch, 0)
+    model.on_train_epoch_end()
+    torch.testing.assert_close(model.priors, torch.tensor([1 / 3, 2 / 3]))
+    out = model(batch)
+    assert out["logits"].shape == (3, 3) and out["attention"].shape == (3, 2)
+    loss, _ = model.compute_loss(out, batch)
+    expected = torch.nn.functional.cross_entropy(out["logits"][:2], batch["target"][:2])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_cis_attention_matches_eqs_3_to_5():
+    """alpha sums to 1 over subjects; y = W_X f + W_S sum_i alpha_i P(s_i) s_i, alpha from scaled dot products."""
+    model = _quick_model(_stats(5)).eval()
+    d = model.prototypes.shape[1]
+    with torch.no_grad():
+        model.prototypes.copy_(torch.randn(5, d))
+        model.priors.copy_(torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15]))
+        model.dictionary_ready.fill_(True)
+        img = torch.randn(3, 3, 24, 24)
+        out = model({"image": img})
+        attn = out["attention"]
+        assert attn.shape == (3, 5)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(3))
+        cis, f, s, p = model.cis, out["feature"], model.prototypes, model.priors
+        scores = (cis.w_q(f) @ cis.w_k(s).T) / math.sqrt(cis.d_m)  # Eq. 5
+        alpha = scores.exp() / scores.exp().sum(-1, keepdim=True)
+        r = (alpha[:, :, None] * (p[None, :, None] * s[None])).sum(1)  # Eq. 4
+        y = cis.w_x(f) + cis.w_s(r)  # Eq. 3
+        torch.testing.assert_close(attn, alpha, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["logits"], model.head(y), rtol=1e-5, atol=1e-5)
+        assert out["logits"].shape == (3, len(BP4D_AUS))
+
+
+def test_eq6_loss_matches_hand_computation():
+    mu = [0.2, 0.5, 0.9]
+    stats = TrainStats(n_train=10, label_rate=mu, n_pos=[2, 5, 9], n_neg=[8, 5, 1], label_corr=np.eye(3).tolist(),
+                       subjects=["a"], subject_counts=[10], confounders=["a"], confounder_counts=[10])
+    model = _quick_model(stats, TaskSpec("au", ["AU1", "AU2", "AU4"]))
+    logits = torch.tensor([[1.5, -0.5, 0.2], [-2.0, 0.7, 3.0]])
+    target = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]])  # one unknown label
+    loss, _ = model.compute_loss({"logits": logits}, {"target": target})
+
+    def sig(x):
+        return 1.0 / (1.0 + math.exp(-x))
+
+    terms = []
+    for b in range(2):
+        for i in range(3):
+            p, x = target[b, i].item(), logits[b, i].item()
+            if p < 0:
+                continue
+            terms.append(-((1 - mu[i]) * p * math.log(sig(x)) + mu[i] * (1 - p) * math.log(1 - sig(x))))
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """Two epochs on a tiny fake dataset with the paper's SGD (momentum, Nesterov, weight decay)."""
+    tmp = tmp_path_factory.mktemp("cisnet")
+    make_prepared(tmp / "fake", n_subjects=6, per_subject=8, size=28)
+    dm = AUDataModule(dataset_config(), fold=0, data_root=str(tmp), input_size=24, batch_size=8)
+    dm.setup()
+    cfg = resolve("cisnet-resnet18", "synth", "quick",
+                  {"optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.05}})
+    L.seed_everything(0)
+    model = build_model(cfg, dm.task_spec, dm.stats)
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    class Record(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                self.val0 = float(trainer.callback_metrics[pl_module.monitor])
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                self.after0 = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+                self.opt_state0 = len(trainer.optimizers[0].state)
+                self.step0 = trainer.global_step
+                self.ready0 = bool(pl_module.dictionary_ready)
+
+    rec = Record()
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[rec])
+    trainer.fit(model, datamodule=dm)
+    return {"model": model, "trainer": trainer, "rec": rec, "initial": initial, "dm": dm, "tmp": tmp}
+
+
+def test_first_epoch_changes_no_weights(fitted):
+    rec, initial, model = fitted["rec"], fitted["initial"], fitted["model"]
+    assert rec.step0 == 0 and rec.opt_state0 == 0  # no optimiser step, no momentum buffers
+    assert rec.ready0  # the dictionary exists after the bank-only epoch
+    changed = [k for k, v in rec.after0.items() if not torch.equal(v, initial[k])]
+    assert changed == []
+    # the second epoch does train (so the check above can fail)
+    assert fitted["trainer"].global_step > 0
+    assert any(not torch.equal(v, initial[k]) for k, v in model.named_parameters())
+    # the bank-only epoch's validation is skipped and logs a score below any real one
+    assert rec.val0 == BANK_ONLY_MONITOR_VALUE
+
+
+def test_dictionary_survives_checkpoint(fitted):
+    model, trainer = fitted["model"], fitted["trainer"]
+    path = fitted["tmp"] / "cisnet.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = CISNet.load_from_checkpoint(path, map_location="cpu")
+    assert bool(loaded.dictionary_ready)
+    assert loaded.priors.sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(loaded.prototypes, model.prototypes)
+    torch.testing.assert_close(loaded.priors, model.priors)
+    batch = {"image": torch.randn(2, 3, 24, 24)}
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)["logits"], model(batch)["logits"])
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_give_the_single_process_dictionary(tmp_path):
+    from ddp_cisnet_bank import run
+
+    make_prepared(tmp_path / "fake", n_subjects=6, per_subject=6, size=28)
+    single = run(str(tmp_path), str(tmp_path / "single"), devices=1)
+    assert single["n_train"] % 2 == 0  # no DistributedSampler padding or dropping
+    proc = subprocess.run([sys.executable, str(TESTS / "ddp_cisnet_bank.py"), str(tmp_path),
+                           str(tmp_path / "ddp"), "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "ddp" / "dict_rank0.pt")
+    r1 = torch.load(tmp_path / "ddp" / "dict_rank1.pt")
+    assert r0["world_size"] == 2 and r0["global_step"] == single["global_step"] // 2 > 0
+    for key in ("prototypes", "priors"):
+        # the bank-only epoch sees the same features in both runs: same dictionary
+        torch.testing.assert_close(r0["epoch0"][key], single["epoch0"][key], rtol=1e-5, atol=1e-6)
+        # every rank holds the same dictionary after a DDP training epoch
+        torch.testing.assert_close(r0["epoch1"][key], r1["epoch1"][key], rtol=0, atol=0)
+    assert r0["epoch0"]["ready"] and r1["epoch1"]["ready"]
+    # manual optimisation under DDP still all-reduces gradients: both ranks end with the same weights, which
+    # moved away from the (shared) initial weights
+    torch.testing.assert_close(r0["params"], r1["params"])
+    torch.testing.assert_close(r0["initial_params"], single["initial_params"])
+    assert not torch.allclose(r0["params"], r0["initial_params"])
+
+
+def test_paper_size_resnet34_params_and_macs():
+    """CISNet-ResNet34, 12 AUs, 256 x 256 input: 22.4M parameters, 4.8G multiply-accumulates."""
+    model = build_model(resolve("cisnet", "synth", "paper"), TaskSpec("au", BP4D_AUS), _stats(27)).eval()
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - PAPER_PARAMS) / PAPER_PARAMS < 0.05
+    with torch.no_grad():
+        model.prototypes.normal_()
+        model.priors.fill_(1 / 27)
+        model.dictionary_ready.fill_(True)
+        with FlopCounterMode(display=False) as fc:
+            out = model({"image": torch.randn(1, 3, 256, 256)})
+    assert out["attention"].shape == (1, 27)
+    macs = fc.get_total_flops() / 2
+    assert abs(macs - PAPER_MACS) / PAPER_MACS < 0.10
