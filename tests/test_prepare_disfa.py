@@ -62,3 +62,23 @@ def test_disfa_corrupt_inputs(tmp_path):
     # wrong folder
     with pytest.raises(P.PrepareError, match="Videos_LeftCamera"):
         P.run("disfa", src / "ActionUnit_Labels", tmp_path / "o3", workers=1, image_size=SIZE, progress=False)
+
+
+def test_disfa_prepared_feeds_the_datamodule(tmp_path):
+    """The shipped disfa config (3-fold partition, 8 benchmark AUs) on a prepared fixture: fold 0 tests part 1."""
+    from aurecog import config as C
+    from aurecog.data.datamodule import AUDataModule
+
+    cfg = C.load_dataset("disfa")
+    parts = cfg["protocols"]["folds3"]["parts"]
+    subjects = (parts[0][0], parts[1][0], parts[2][0])
+    make_disfa(tmp_path / "src", subjects=subjects, n_frames=3)
+    P.run("disfa", tmp_path / "src", tmp_path / "root" / "disfa", workers=1, image_size=SIZE, progress=False)
+    cfg["protocols"]["folds3"]["require_all"] = False
+    dm = AUDataModule(cfg, fold=0, data_root=str(tmp_path / "root"), input_size=40, val_fraction=0.0)
+    dm.setup()
+    assert dm.task_spec.names == ["AU1", "AU2", "AU4", "AU6", "AU9", "AU12", "AU25", "AU26"]
+    test_subj = set(dm.split_sources["test"].index["subject"].iloc[dm.split_rows["test"]])
+    assert test_subj == {parts[0][0]} and len(dm.split_rows["train"]) == 6
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape[-1] == 40 and batch["landmarks"].shape[1:] == (66, 2)
