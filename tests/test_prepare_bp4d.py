@@ -79,12 +79,18 @@ def test_bp4d_resumes_after_interruption(tmp_path, monkeypatch):
     work = tmp_path / "bp4d.work"
     done = sorted(work.glob("*.done"))
     assert len(done) == 3 and not out.exists()
-    done[0].unlink()  # as if the run died while processing this chunk
+    done[0].unlink()  # as if the run died while processing this chunk (F001_T1)
+    occ = src / "AUCoding" / "AU_OCC" / "M007_T1.csv"  # a corrected label file invalidates its chunk only
+    lines = occ.read_text().splitlines()
+    cells = lines[1].split(",")
+    cells[1] = "1" if cells[1] == "0" else "0"
+    lines[1] = ",".join(cells)
+    occ.write_text("\n".join(lines) + "\n")
     calls = []
     real = P.process_job
     monkeypatch.setattr(P, "process_job", lambda job, s: calls.append(job.key) or real(job, s))
     P.run("bp4d", src, out, workers=1, image_size=SIZE, progress=False)
-    assert len(calls) == 1
+    assert sorted(k.split("#")[0] for k in calls) == ["bp4d/F001_T1", "bp4d/M007_T1"]
     assert not work.exists()
     ref = PreparedDataset.open(P.run("bp4d", src, tmp_path / "ref", workers=1, image_size=SIZE, progress=False))
     pd.testing.assert_frame_equal(PreparedDataset.open(out).index, ref.index)

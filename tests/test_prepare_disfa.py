@@ -36,6 +36,17 @@ def test_disfa_frames_labels_threshold_landmarks(tmp_path, threshold):
     assert "LeftVideoSN002_comp.avi#frame3" in rep["file"][0]
 
 
+def test_disfa_video_chunks_seek_correctly(tmp_path):
+    """Videos cut into several chunks (seek to the chunk's first frame) give the same result as one chunk."""
+    src = tmp_path / "DISFA"
+    make_disfa(src, subjects=("SN003",), n_frames=7)
+    a = PreparedDataset.open(P.run("disfa", src, tmp_path / "a", workers=1, image_size=SIZE, progress=False))
+    b = PreparedDataset.open(P.run("disfa", src, tmp_path / "b", workers=2, image_size=SIZE, progress=False, chunk=3))
+    pd.testing.assert_frame_equal(a.index, b.index)
+    np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
+    check_aligned(np.asarray(b.images), np.asarray(b.landmarks), EYES66)
+
+
 def test_disfa_corrupt_inputs(tmp_path):
     src = tmp_path / "DISFA"
     make_disfa(src, n_frames=4)

@@ -21,8 +21,9 @@ Shared machinery, used by one reader module per dataset (``bp4d``, ``bp4dplus``,
   unparsable values) raise :class:`PrepareError` naming the file.
 * **Resumable parallel writer** (:func:`prepare_jobs`): the work is cut into jobs (a sequence, a video chunk,
   a subject); each job is processed in a ``multiprocessing.Pool`` (``workers`` processes, default: the
-  machine's cores) and saved as a chunk in ``<out>.work/`` with a done-marker. An interrupted preparation is
-  re-run with the same command and only processes the jobs without a marker. At the end the chunks are merged,
+  machine's cores) and saved as a chunk in ``<out>.work/`` with a done-marker holding a fingerprint of the job's
+  inputs. An interrupted preparation is re-run with the same command and only processes the jobs without a
+  matching marker. At the end the chunks are merged,
   in a deterministic job order, into the prepared folder by :class:`~aurecog.data.prepared.PreparedWriter`
   (atomic: ``<out>.partial`` -> ``<out>``), and the work folder is removed.
 """
@@ -424,8 +425,27 @@ def _work_one(args) -> str:
     tmpj = base.with_suffix(".tmp.json")
     tmpj.write_text(json.dumps({"key": job.key, "rows": rows, "report": report}, default=_json_default))
     os.replace(tmpj, base.with_suffix(".json"))
-    base.with_suffix(".done").write_text("ok\n")
+    base.with_suffix(".done").write_text(job_fingerprint(job) + "\n")
     return job.key
+
+
+def job_fingerprint(job: Job) -> str:
+    """Hash of everything a job reads (frame rows, files, landmarks): a chunk is reused only when it matches."""
+    h = hashlib.sha1(json.dumps([job.key, job.video, job.detector], default=str).encode())
+    for fr in job.frames:
+        h.update(json.dumps([fr.row, fr.image, fr.video_index, fr.landmark_file, fr.landmark_reader],
+                            default=_json_default, sort_keys=True).encode())
+        if fr.landmarks is not None:
+            h.update(np.ascontiguousarray(fr.landmarks, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _is_done(work: Path, job: Job) -> bool:
+    marker = (work / _safe(job.key)).with_suffix(".done")
+    try:
+        return marker.read_text().strip() == job_fingerprint(job)
+    except OSError:
+        return False
 
 
 def _json_default(o):
@@ -470,7 +490,7 @@ def prepare_jobs(jobs: Sequence[Job], out: str | os.PathLike, *, layout: str, me
     work.mkdir(parents=True, exist_ok=True)
     stamp_file.write_text(json.dumps(stamp))
     settings = Settings(image_size=image_size, layout=layout)
-    pending = [j for j in jobs if not (work / _safe(j.key)).with_suffix(".done").exists()]
+    pending = [j for j in jobs if not _is_done(work, j)]
     if len(pending) < len(jobs):
         print(f"[prepare] resuming: {len(jobs) - len(pending)} of {len(jobs)} chunks already done in {work}")
     workers = default_workers() if not workers else int(workers)
