@@ -1,0 +1,410 @@
+"""RE-Net (Yang & Yin, ACCV 2020): AU-conditional BN (Eqs. 2-5), batched conditional inference, unseen-AU
+transfer, Eq. 5 denominator handling, duplication, ICC(3,1), parameter count."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aurecog.config import deep_merge, resolve
+from aurecog.metrics import icc31
+from aurecog.models.registry import build_model
+from aurecog.models.renet import (
+    AUConditionalBatchNorm2d,
+    Condition,
+    RENet,
+    near_singular_rows,
+    normalize_graph,
+    unseen_stat_mix,
+)
+from aurecog.tasks import TaskSpec, TrainStats
+
+AUS = ["AU1", "AU2", "AU4", "AU6", "AU12", "AU23"]
+TINY = {"backbone": {"name": "resnet18", "channels": [8, 8, 8, 8], "stem_width": 8}}
+
+
+def _corr(c: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y = (rng.random((200, c)) < 0.4).astype(float)
+    y[:, 1] = np.maximum(y[:, 1], y[:, 0])  # AU2 follows AU1
+    y[:, -1] = 1 - y[:, -2]  # negatively correlated pair
+    corr = np.corrcoef(y.T)
+    np.fill_diagonal(corr, 1.0)
+    return corr
+
+
+def _stats(c: int, rates=None, corr=None) -> TrainStats:
+    rates = list(rates or np.linspace(0.1, 0.6, c))
+    corr = _corr(c) if corr is None else corr
+    return TrainStats(n_train=100, label_rate=rates, n_pos=[int(r * 100) for r in rates],
+                      n_neg=[100 - int(r * 100) for r in rates], label_corr=np.asarray(corr).tolist(),
+                      subjects=["S0"], subject_counts=[100])
+
+
+def _model(kind: str = "au", variant: str = "renet", names=AUS, extra: dict | None = None, stats=None) -> RENet:
+    cfg = resolve(variant, "synth", "quick", overrides=deep_merge(TINY, extra or {}))
+    task = TaskSpec(kind, names)
+    m = build_model(cfg, task, stats or _stats(len(names)))
+    _randomise(m)
+    return m
+
+
+@torch.no_grad()
+def _randomise(model: nn.Module, seed: int = 0) -> None:
+    """Distinct per-AU gamma/beta and running statistics, so that conditioning matters."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, AUConditionalBatchNorm2d):
+            mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=g))
+            mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g))
+            mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
+            mod.running_var.copy_(1 + 0.5 * torch.rand(mod.running_var.shape, generator=g))
+
+
+def _cbn(c=3, f=4, weights=None, momentum=0.1, seed=0):
+    ctx = Condition()
+    bn = AUConditionalBatchNorm2d(f, c, ctx, momentum=momentum)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.weight.copy_(1 + torch.randn(c, f, generator=g))
+        bn.bias.copy_(torch.randn(c, f, generator=g))
+        bn.running_mean.copy_(torch.randn(c, f, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(c, f, generator=g))
+    return bn, ctx
+
+
+# --------------------------------------------------------------------------------------- conditional BN
+def test_identity_graph_equals_independent_batchnorms():
+    """Identity graph + per-AU statistics = C independent BatchNorm2d (Eq. 3), in training and eval."""
+    c, f = 3, 4
+    cbn, ctx = _cbn(c, f)
+    refs = []
+    for k in range(c):
+        bn = nn.BatchNorm2d(f, momentum=0.1)
+        with torch.no_grad():
+            bn.weight.copy_(cbn.weight[k])
+            bn.bias.copy_(cbn.bias[k])
+            bn.running_mean.copy_(cbn.running_mean[k])
+            bn.running_var.copy_(cbn.running_var[k])
+        refs.append(bn)
+    x = torch.randn(10, f, 5, 5) * 3 + 1
+    idx = torch.tensor([0, 2, 1, 0, 2, 2, 1, 0, 0, 2])
+    ctx.index, ctx.weights = idx, normalize_graph(torch.eye(c))
+    for train in (True, False):
+        cbn.train(train)
+        out = cbn(x)
+        for k in range(c):
+            refs[k].train(train)
+            m = idx == k
+            torch.testing.assert_close(out[m], refs[k](x[m]), atol=1e-5, rtol=1e-5)
+    for k in range(c):  # the training pass updated every AU's running statistics like its own BN
+        torch.testing.assert_close(cbn.running_mean[k], refs[k].running_mean)
+        torch.testing.assert_close(cbn.running_var[k], refs[k].running_var)
+    assert cbn.num_batches_tracked.tolist() == [1, 1, 1]
+
+
+def test_single_condition_updates_only_that_au():
+    cbn, ctx = _cbn(4, 3)
+    before_m, before_v = cbn.running_mean.clone(), cbn.running_var.clone()
+    x = torch.randn(8, 3, 4, 4)
+    ctx.index, ctx.single, ctx.weights = torch.full((8,), 2), 2, normalize_graph(torch.eye(4))
+    cbn.train()
+    cbn(x)
+    ref = nn.BatchNorm2d(3)
+    ref.running_mean.copy_(before_m[2])
+    ref.running_var.copy_(before_v[2])
+    ref.train()(x)
+    keep = torch.tensor([0, 1, 3])
+    torch.testing.assert_close(cbn.running_mean[keep], before_m[keep])
+    torch.testing.assert_close(cbn.running_var[keep], before_v[keep])
+    torch.testing.assert_close(cbn.running_mean[2], ref.running_mean)
+    torch.testing.assert_close(cbn.running_var[2], ref.running_var)
+    assert cbn.num_batches_tracked.tolist() == [0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("norm", ["shrink", "signed"])
+def test_equal_parameters_equal_plain_batchnorm(norm):
+    """All gamma/beta (and statistics) equal -> a plain BN whatever the (signed) graph, since the Eq. 5 weights
+    of every row sum to 1."""
+    c, f = 6, 5
+    cbn, ctx = _cbn(c, f)
+    plain = nn.BatchNorm2d(f)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(f))
+        plain.bias.copy_(torch.randn(f))
+        plain.running_mean.copy_(torch.randn(f))
+        plain.running_var.copy_(0.5 + torch.rand(f))
+        cbn.weight.copy_(plain.weight[None].repeat(c, 1))
+        cbn.bias.copy_(plain.bias[None].repeat(c, 1))
+        cbn.running_mean.copy_(plain.running_mean[None].repeat(c, 1))
+        cbn.running_var.copy_(plain.running_var[None].repeat(c, 1))
+    w = torch.as_tensor(_corr(c), dtype=torch.float32)
+    assert (w < 0).any()  # the graph has negative correlations
+    ctx.weights = normalize_graph(w, norm)
+    x = torch.randn(12, f, 3, 3)
+    ctx.index = torch.arange(c).repeat(2)
+    for train in (False, True):
+        cbn.train(train)
+        plain.train(train)
+        if train:  # every sample conditioned on one AU -> the plain BN's batch statistics
+            ctx.index, ctx.single = torch.full((12,), 3), 3
+        torch.testing.assert_close(cbn(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_eq5_combination_of_parameters():
+    """gamma_c^G = sum_k w_ck gamma_k / sum_k w_ck for a positive graph (Eq. 5, hand-written)."""
+    cbn, ctx = _cbn(3, 2)
+    w = torch.tensor([[1.0, 0.5, 0.2], [0.5, 1.0, 0.0], [0.2, 0.0, 1.0]])
+    ctx.weights = normalize_graph(w)
+    g, b = cbn.graph_params()
+    gam = cbn.weight.detach()
+    expect0 = (1.0 * gam[0] + 0.5 * gam[1] + 0.2 * gam[2]) / 1.7
+    torch.testing.assert_close(g[0], expect0)
+    torch.testing.assert_close(b[1], (0.5 * cbn.bias[0] + cbn.bias[1]).detach() / 1.5)
+
+
+def test_negative_correlation_denominator():
+    """A row whose correlations nearly cancel (sum_k w_ck = 0.001): detected; the literal Eq. 5 amplifies the
+    parameters by up to 1000x, 'shrink' keeps rows summing to 1 with a bounded gain, 'abs' is bounded but no longer
+    affine."""
+    w = torch.tensor([[1.0, -0.6, -0.399], [-0.6, 1.0, 0.3], [-0.399, 0.3, 1.0]])
+    tau = 0.5
+    assert near_singular_rows(w, tau).tolist() == [True, False, False]
+    gamma = torch.tensor([[1.0], [2.0], [-1.0]])
+
+    signed = normalize_graph(w, "signed")
+    assert signed[0].abs().max() > 500  # 1 / 0.001
+    assert (signed @ gamma)[0].abs().item() > 50 * gamma.abs().max()  # (1 - 1.2 + 0.399) / 0.001 = 199
+
+    shrink = normalize_graph(w, "shrink", tau)
+    torch.testing.assert_close(shrink.sum(-1), torch.ones(3))
+    # row 0: off-diagonal weights scaled by alpha = (tau - 1) / (-0.999), denominator exactly tau
+    alpha = (tau - 1) / (-0.999)
+    torch.testing.assert_close(shrink[0], torch.tensor([1.0, -0.6 * alpha, -0.399 * alpha]) / tau)
+    torch.testing.assert_close(shrink[1:], signed[1:])  # well-conditioned rows: exactly Eq. 5
+    gain = (1 + w[0, 1:].abs().sum()) / tau
+    assert (shrink @ gamma).abs().max() <= gain * gamma.abs().max() + 1e-6
+    assert shrink.abs().sum(-1).max() <= gain + 1e-6
+
+    ab = normalize_graph(w, "abs")
+    torch.testing.assert_close(ab.abs().sum(-1), torch.ones(3))
+    assert (ab @ gamma).abs().max() <= gamma.abs().max()
+    assert not torch.allclose(ab.sum(-1), torch.ones(3))  # equal parameters would not be preserved
+    with pytest.raises(ValueError):
+        normalize_graph(w, "nope")
+
+
+# --------------------------------------------------------------------------------------- model
+@pytest.mark.parametrize("kind,shared", [("au", True), ("au", False), ("intensity", True), ("expression", True)])
+def test_batched_evaluation_equals_per_au_loop(kind, shared):
+    names = ["anger", "joy", "fear"] if kind == "expression" else AUS
+    m = _model(kind, names=names, extra={"head": {"shared": shared}}).eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        batched = m.predict_batched(x)
+        loop = m.predict_loop(x)
+        out = m({"image": x})["logits"]
+    c = len(names)
+    assert batched.shape == ((5, c, 6) if kind == "intensity" else (5, c))
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, batched)
+    # conditioning matters: different AUs give different logits for the same image
+    assert (batched[:, 0] - batched[:, 1]).abs().max() > 1e-4
+    m.max_expanded = 2 * c  # chunked over samples: same result
+    with torch.no_grad():
+        torch.testing.assert_close(m.predict_batched(x), batched, atol=1e-5, rtol=1e-4)
+
+
+def test_all_au_training_pass_equals_single_au_passes():
+    """Strategy 'all': one batched pass with per-AU batch statistics = C training passes conditioned on one AU."""
+    m = _model().train()
+    x = torch.randn(6, 3, 16, 16)
+    cond = torch.arange(len(AUS))
+    z = m.conditioned_logits(x, cond)  # B, C, 1
+    for c in range(len(AUS)):
+        zc = m.head(m.features(x, torch.full((6,), c), single=c))
+        torch.testing.assert_close(z[:, c], zc, atol=1e-5, rtol=1e-4)
+
+
+def test_training_step_random_and_all_strategies_and_masking():
+    torch.manual_seed(0)
+    for strategy in ("random", "all"):
+        m = _model(extra={"renet": {"strategy": strategy}}).train()
+        y = (torch.rand(8, len(AUS)) < 0.5).float()
+        y[0, :] = -1
+        batch = {"image": torch.randn(8, 3, 16, 16), "target": y}
+        out = m(batch)
+        loss, _ = m.compute_loss(out, batch)
+        assert torch.isfinite(loss) and loss > 0
+        loss.backward()
+        gw = [mod.weight.grad for mod in m.modules() if isinstance(mod, AUConditionalBatchNorm2d)]
+        assert all(g is not None for g in gw)
+        if strategy == "random":
+            c = out["cond"]
+            ref = nn.functional.binary_cross_entropy_with_logits(out["logits"][1:, 0], y[1:, c])
+            torch.testing.assert_close(loss, ref)
+        else:  # Eq. 6 summed over AUs, each averaged over its known labels
+            z = out["logits"][:, :, 0]
+            ref = sum(nn.functional.binary_cross_entropy_with_logits(z[1:, c], y[1:, c]) for c in range(len(AUS)))
+            torch.testing.assert_close(loss, ref)
+
+
+def test_identity_graph_learns_no_cross_au_gradient():
+    """Identity graph: AU c's loss gives gradient to gamma_c only; PCC graph: to its correlated AUs as well."""
+    for init, expect_cross in (("identity", False), ("pcc", True)):
+        m = _model(extra={"renet": {"graph": {"init": init}}}).train()
+        batch = {"image": torch.randn(8, 3, 16, 16), "target": torch.ones(8, len(AUS))}
+        out = m(batch)
+        m.compute_loss(out, batch)[0].backward()
+        c = out["cond"]
+        g = next(mod for mod in m.modules() if isinstance(mod, AUConditionalBatchNorm2d)).weight.grad
+        others = torch.tensor([k for k in range(len(AUS)) if k != c])
+        assert g[c].abs().sum() > 0
+        assert (g[others].abs().sum() > 0) == expect_cross
+
+
+def test_unseen_au_never_trained_and_predicted_from_graph():
+    """Table 6: AU23 withheld. It is never drawn (its statistics stay untouched, NaN labels never reach the
+    loss), and at test it gets finite predictions from the graph-combined parameters and mixed statistics."""
+    m = _model(variant="renet-unseen")
+    u = AUS.index("AU23")
+    assert m.unseen == u and u not in m.train_conditions.tolist()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    m.train()
+    for strategy in ("random", "all"):
+        m.strategy = strategy
+        for _ in range(8 if strategy == "random" else 1):
+            y = (torch.rand(8, len(AUS)) < 0.5).float()
+            y[:, u] = float("nan")  # would poison the loss if AU23's labels were ever read
+            batch = {"image": torch.randn(8, 3, 16, 16), "target": y}
+            loss, _ = m.compute_loss(m(batch), batch)
+            assert torch.isfinite(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    bns = [mod for mod in m.modules() if isinstance(mod, AUConditionalBatchNorm2d)]
+    assert all(int(b.num_batches_tracked[u]) == 0 for b in bns)
+    assert all(int(b.num_batches_tracked.sum()) > 0 for b in bns)
+    m.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        z = m({"image": x})["logits"]
+        assert torch.isfinite(z).all()
+        torch.testing.assert_close(z, m.predict_loop(x), atol=1e-5, rtol=1e-4)
+        # reference: write the mixed statistics into AU23's running buffers and switch the unseen path off
+        mix = unseen_stat_mix(m.graph.raw(), u)
+        assert mix[u, u] == 0 and torch.isclose(mix[u].sum(), torch.tensor(1.0))
+        ref = copy.deepcopy(m)
+        for b in [mod for mod in ref.modules() if isinstance(mod, AUConditionalBatchNorm2d)]:
+            mean = mix @ b.running_mean
+            var = mix @ (b.running_var + b.running_mean ** 2) - mean ** 2
+            b.running_mean.copy_(mean)
+            b.running_var.copy_(var)
+        ref.unseen = None
+        torch.testing.assert_close(ref.predict_batched(x), z, atol=1e-5, rtol=1e-4)
+        # without the graph (identity), AU23 would use its own never-estimated statistics: different output
+        assert (m.predict_batched(x)[:, u] - _unmixed(m, x)[:, u]).abs().max() > 1e-5
+
+
+def _unmixed(m: RENet, x):
+    m2 = copy.deepcopy(m)
+    m2.unseen = None
+    return m2.predict_batched(x)
+
+
+def test_rare_au_duplication():
+    rates = [0.3, 0.1, 0.5, 0.05, 0.6, 0.2]
+    m = _model(variant="renet-dup", stats=_stats(6, rates=rates),
+               extra={"renet": {"duplicate": {"rare_fraction": 0.5}}})
+    assert sorted(m.rare.tolist()) == [1, 3, 5]  # the three lowest occurrence rates
+    y = torch.zeros(5, 6)
+    y[1, 3] = 1  # rare positive
+    y[2, 0] = 1  # frequent positive only
+    y[4, 5] = 1
+    y[4, 1] = -1
+    x = torch.arange(5.0)[:, None, None, None].expand(5, 3, 2, 2)
+    xd, yd = m.duplicate({"image": x, "target": y})
+    assert xd[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 1, 4]
+    torch.testing.assert_close(yd[5:], y[[1, 4]])
+    m2 = _model(variant="renet", stats=_stats(6, rates=rates))
+    assert m2.duplicate({"image": x, "target": y})[0].shape[0] == 5  # off by default (Table 1 'Ours')
+    m3 = _model(variant="renet-dup", extra={"renet": {"duplicate": {"aus": ["AU1", "AU2"]}}})
+    assert m3.rare.tolist() == [0, 1]
+
+
+def test_learnable_graph_gets_gradient_and_keeps_unit_diagonal():
+    m = _model(variant="renet-learnable", extra={"renet": {"strategy": "all"}}).train()
+    assert isinstance(m.graph.off, nn.Parameter)
+    torch.testing.assert_close(m.graph.raw().diagonal(), torch.ones(len(AUS)))
+    batch = {"image": torch.randn(6, 3, 16, 16), "target": (torch.rand(6, len(AUS)) < 0.5).float()}
+    m.compute_loss(m(batch), batch)[0].backward()
+    assert m.graph.off.grad.abs().sum() > 0
+    fixed = _model()
+    assert "graph.off" not in dict(fixed.named_parameters())
+    torch.testing.assert_close(fixed.graph.raw(), torch.as_tensor(_corr(len(AUS)), dtype=torch.float32))
+
+
+def test_paper_size_parameter_count():
+    """ResNet-18 without fc: 11,176,512 parameters (11,689,512 - 512*1000 - 1000); its BNs hold
+    64 + 4*64 + (4*128 + 128) + (4*256 + 256) + (4*512 + 512) = 4,800 channels. RE-Net adds (C - 1) extra
+    (gamma, beta) pairs per channel and a shared 512 -> 1 classifier."""
+    names = [f"AU{i}" for i in range(12)]
+    cfg = resolve("renet", "synth", "paper")
+    m = build_model(cfg, TaskSpec("au", names), _stats(12, corr=np.eye(12)))
+    n = sum(p.numel() for p in m.parameters())
+    assert n == 11_176_512 + 11 * 2 * 4_800 + 513
+    assert len(m.converted) == 20  # every BatchNorm2d of ResNet-18 (17 + 3 downsample)
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in m.modules())
+
+
+def test_end_to_end_fit_and_test(tmp_path):
+    import lightning as L
+    from helpers import dataset_config, make_prepared
+
+    from aurecog.data.datamodule import AUDataModule
+
+    make_prepared(tmp_path / "fake", n_subjects=6, per_subject=8, size=24)
+    dm = AUDataModule(dataset_config(), fold=0, data_root=str(tmp_path), input_size=20, batch_size=8,
+                      progress=False)
+    dm.setup()
+    cfg = resolve("renet", "synth", "quick", overrides=TINY)
+    model = build_model(cfg, dm.task_spec, dm.stats)
+    tr = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   num_sanity_val_steps=0, enable_model_summary=False)
+    tr.fit(model, datamodule=dm)
+    tr.test(model, datamodule=dm, verbose=False)
+    met = model.test_results["metrics"]
+    assert 0.0 <= float(met["f1"]) <= 1.0
+    assert model.test_results["predictions"]["scores"].shape[1] == 12
+
+
+# --------------------------------------------------------------------------------------- ICC(3,1)
+def _icc31_textbook(y: np.ndarray) -> float:
+    """Shrout & Fleiss (1979) ICC(3,1) from the two-way ANOVA of an n targets x k judges table, written out."""
+    n, k = y.shape
+    grand = y.mean()
+    ss_total = ((y - grand) ** 2).sum()
+    ss_targets = k * ((y.mean(1) - grand) ** 2).sum()
+    ss_judges = n * ((y.mean(0) - grand) ** 2).sum()
+    ss_resid = ss_total - ss_targets - ss_judges
+    bms = ss_targets / (n - 1)
+    ems = ss_resid / ((n - 1) * (k - 1))
+    return (bms - ems) / (bms + (k - 1) * ems)
+
+
+def test_icc31_textbook_and_published_example():
+    # Shrout & Fleiss (1979) Table 2: 6 targets x 4 judges; published ICC(3,1) = .71 (BMS 11.24, EMS 1.02)
+    sf = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], float)
+    assert round(_icc31_textbook(sf), 2) == 0.71
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 6, size=(40, 3)).astype(float)
+    p = t * 0.7 + rng.normal(0, 0.8, size=t.shape) + 0.5
+    ours = icc31(torch.tensor(p), torch.tensor(t)).numpy()
+    ref = [_icc31_textbook(np.stack([p[:, j], t[:, j]], 1)) for j in range(3)]
+    np.testing.assert_allclose(ours, ref, rtol=1e-10)
+    # hand example, two raters: targets (1,2),(2,2),(3,4): BMS = 13/6, EMS = 1/6 -> (12/6) / (14/6) = 6/7
+    assert float(icc31(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 2, 4]))[0]) == pytest.approx(6 / 7)
