@@ -494,6 +494,10 @@ def prepare_jobs(jobs: Sequence[Job], out: str | os.PathLike, *, layout: str, me
     if len(pending) < len(jobs):
         print(f"[prepare] resuming: {len(jobs) - len(pending)} of {len(jobs)} chunks already done in {work}")
     workers = default_workers() if not workers else int(workers)
+    global _DETECTOR
+    if _DETECTOR is None and any(j.detector and any(f.landmarks is None and f.landmark_file is None
+                                                    for f in j.frames) for j in pending):
+        _DETECTOR = _load_detector()  # fail fast, before any work, when the optional detector is missing
     tasks = [(j, settings, str(work)) for j in pending]
     bar = _bar(len(jobs), progress, f"prepare {meta.get('name')}", initial=len(jobs) - len(pending))
     try:
