@@ -87,8 +87,8 @@ def test_bp4d_resumes_after_interruption(tmp_path, monkeypatch):
     lines[1] = ",".join(cells)
     occ.write_text("\n".join(lines) + "\n")
     calls = []
-    real = P.process_job
-    monkeypatch.setattr(P, "process_job", lambda job, s: calls.append(job.key) or real(job, s))
+    real = P.iter_job_parts
+    monkeypatch.setattr(P, "iter_job_parts", lambda job, s: calls.append(job.key) or real(job, s))
     P.run("bp4d", src, out, workers=1, image_size=SIZE, progress=False)
     assert sorted(k.split("#")[0] for k in calls) == ["bp4d/F001_T1", "bp4d/M007_T1"]
     assert not work.exists()

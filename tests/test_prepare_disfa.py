@@ -36,8 +36,8 @@ def test_disfa_frames_labels_threshold_landmarks(tmp_path, threshold):
     assert "LeftVideoSN002_comp.avi#frame3" in rep["file"][0]
 
 
-def test_disfa_video_chunks_seek_correctly(tmp_path):
-    """Videos cut into several chunks (seek to the chunk's first frame) give the same result as one chunk."""
+def test_disfa_video_parts_match_one_pass(tmp_path):
+    """A video written in several parts (bounded memory) gives the same result as one part."""
     src = tmp_path / "DISFA"
     make_disfa(src, subjects=("SN003",), n_frames=7)
     a = PreparedDataset.open(P.run("disfa", src, tmp_path / "a", workers=1, image_size=SIZE, progress=False))

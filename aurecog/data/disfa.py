@@ -105,7 +105,7 @@ def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=Tr
                 continue
             frames.append(P.Frame(row=row, video_index=f - 1, landmark_file=str(lm_file), landmark_reader="disfa_mat",
                                   file=name))
-        jobs.extend(P.chunked(f"disfa/{subj}", frames, size=chunk, video=str(video)))
+        jobs.append(P.Job(key=f"disfa/{subj}", frames=frames, video=str(video)))  # decoded sequentially
     names = [f"AU{a}" for a in DISFA_AUS]
     meta = {
         "name": "disfa", "aus": names, "intensity_aus": names, "expressions": [], "positive_threshold": thr,
@@ -115,4 +115,5 @@ def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=Tr
         "landmark_source": "Landmark_Points/SNxxx/tmp_frame_lm/*_lm.mat (66 points, variable pts)",
     }
     return P.prepare_jobs(jobs, out, layout=LAYOUT, meta=meta, image_size=image_size, workers=workers,
-                          progress=progress, columns=P.int8_columns(names, names), extra_report=report)
+                          progress=progress, columns=P.int8_columns(names, names), extra_report=report,
+                          part_size=chunk)

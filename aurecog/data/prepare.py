@@ -281,6 +281,7 @@ class Job:
 class Settings:
     image_size: int
     layout: str
+    part_size: int = 500  # frames per saved part: bounds a worker's memory (500 x 256^2 x 3 = 98 MB)
 
 
 def _read_frame_landmarks(fr: Frame, layout: str) -> tuple[np.ndarray | None, str | None]:
@@ -316,20 +317,14 @@ def read_disfa_landmarks(path: Path) -> np.ndarray:
 
 
 class _VideoReader:
-    """Sequential reader of a job's video; frames requested in increasing order."""
+    """Sequential reader of a job's video; frames requested in increasing order. Frames are decoded one after the
+    other from the start (no seeking: codec seeks can land on the wrong frame and silently shift labels)."""
 
-    def __init__(self, path: str, start: int):
+    def __init__(self, path: str):
         self.path = path
         self.cap = cv2.VideoCapture(path)
         self.ok = self.cap.isOpened()
         self.pos = 0
-        if self.ok and start > 0:
-            self.cap.set(cv2.CAP_PROP_POS_FRAMES, start)
-            if int(self.cap.get(cv2.CAP_PROP_POS_FRAMES)) == start:
-                self.pos = start
-            else:  # seeking unsupported: reopen and skip
-                self.cap.release()
-                self.cap = cv2.VideoCapture(path)
         self.ended_at: int | None = None
 
     def get(self, idx: int) -> np.ndarray | None:
@@ -351,19 +346,36 @@ class _VideoReader:
         self.cap.release()
 
 
-def process_job(job: Job, settings: Settings) -> tuple[np.ndarray, np.ndarray, list[dict], list[tuple[str, str]]]:
-    """Read, landmark and align every frame of ``job``. Returns images, landmarks, index rows, report lines."""
-    size, layout = settings.image_size, settings.layout
-    images, lms, rows, report = [], [], [], list(job.report)
+def iter_job_parts(job: Job, settings: Settings):
+    """Read, landmark and align the frames of ``job`` in parts of ``settings.part_size`` frames; yields (images,
+    landmarks, index rows, report lines) per part. A video is opened once and decoded sequentially."""
     video = None
     if job.video is not None:
-        vf = [f.video_index for f in job.frames if f.video_index is not None]
-        video = _VideoReader(job.video, min(vf) if vf else 0)
+        video = _VideoReader(job.video)
         if not video.ok:
-            report.extend((f.file or f"{job.video}#{f.video_index}", f"cannot open video {job.video}")
-                          for f in job.frames)
-            return _stack(images, lms, size, layout) + (rows, report)
-    for fr in job.frames:
+            report = [(f.file or f"{job.video}#{f.video_index}", f"cannot open video {job.video}") for f in job.frames]
+            yield _stack([], [], settings.image_size, settings.layout) + ([], list(job.report) + report)
+            return
+    step = max(1, int(settings.part_size))
+    try:
+        for i in range(0, max(len(job.frames), 1), step):
+            yield _process_frames(job.frames[i:i + step], job, settings, video, list(job.report) if i == 0 else [])
+    finally:
+        if video is not None:
+            video.close()
+
+
+def process_job(job: Job, settings: Settings) -> tuple[np.ndarray, np.ndarray, list[dict], list[tuple[str, str]]]:
+    """All of ``job`` at once (images, landmarks, index rows, report lines); see :func:`iter_job_parts`."""
+    parts = list(iter_job_parts(job, settings))
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            [r for p in parts for r in p[2]], [r for p in parts for r in p[3]])
+
+
+def _process_frames(frames: list[Frame], job: Job, settings: Settings, video: _VideoReader | None, report: list):
+    size, layout = settings.image_size, settings.layout
+    images, lms, rows = [], [], []
+    for fr in frames:
         if video is not None:
             img = video.get(fr.video_index)
             if img is None:
@@ -398,8 +410,6 @@ def process_job(job: Job, settings: Settings) -> tuple[np.ndarray, np.ndarray, l
         images.append(crop)
         lms.append(out_lm)
         rows.append(fr.row)
-    if video is not None:
-        video.close()
     return _stack(images, lms, size, layout) + (rows, report)
 
 
@@ -416,14 +426,20 @@ def _safe(key: str) -> str:
 
 def _work_one(args) -> str:
     job, settings, work = args
-    images, lms, rows, report = process_job(job, settings)
     base = Path(work) / _safe(job.key)
-    tmp = base.with_suffix(".tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, images=images, landmarks=lms)
-    os.replace(tmp, base.with_suffix(".npz"))
+    parts, rows, report = [], [], []
+    for k, (images, lms, prow, prep) in enumerate(iter_job_parts(job, settings)):
+        name = f"{base.name}.p{k:04d}.npz"
+        tmp = base.parent / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, landmarks=lms)
+        os.replace(tmp, base.parent / name)
+        parts.append([name, len(prow)])
+        rows.extend(prow)
+        report.extend(prep)
     tmpj = base.with_suffix(".tmp.json")
-    tmpj.write_text(json.dumps({"key": job.key, "rows": rows, "report": report}, default=_json_default))
+    tmpj.write_text(json.dumps({"key": job.key, "parts": parts, "rows": rows, "report": report},
+                               default=_json_default))
     os.replace(tmpj, base.with_suffix(".json"))
     base.with_suffix(".done").write_text(job_fingerprint(job) + "\n")
     return job.key
@@ -463,11 +479,12 @@ def default_workers() -> int:
 
 def prepare_jobs(jobs: Sequence[Job], out: str | os.PathLike, *, layout: str, meta: dict[str, Any],
                  image_size: int = DEFAULT_IMAGE_SIZE, workers: int | None = None, progress: bool = True,
-                 columns: dict[str, Any] | None = None, extra_report: Sequence[tuple[str, str]] = ()) -> Path:
+                 columns: dict[str, Any] | None = None, extra_report: Sequence[tuple[str, str]] = (),
+                 part_size: int = 500) -> Path:
     """Process ``jobs`` (resumably, in parallel) and write the prepared dataset to ``out``.
 
     ``columns`` maps index columns to dtypes (``int8`` labels etc.); ``extra_report`` holds lines found while
-    listing the distribution. Returns ``out``.
+    listing the distribution; ``part_size`` frames are held in a worker's memory at a time. Returns ``out``.
     """
     check_layout(layout)
     out = Path(out)
@@ -489,7 +506,7 @@ def prepare_jobs(jobs: Sequence[Job], out: str | os.PathLike, *, layout: str, me
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     stamp_file.write_text(json.dumps(stamp))
-    settings = Settings(image_size=image_size, layout=layout)
+    settings = Settings(image_size=image_size, layout=layout, part_size=part_size)
     pending = [j for j in jobs if not _is_done(work, j)]
     if len(pending) < len(jobs):
         print(f"[prepare] resuming: {len(jobs) - len(pending)} of {len(jobs)} chunks already done in {work}")
@@ -551,14 +568,14 @@ def _merge(jobs, work, out, layout, meta, image_size, columns, extra_report, pro
     rows = []
     pos = 0
     bar = _bar(len(parts), progress, "merge")
-    for base, info in parts:
-        k = len(info["rows"])
-        if k:
-            with np.load(base.with_suffix(".npz")) as z:
-                writer.images[pos:pos + k] = z["images"]
-                writer.landmarks[pos:pos + k] = z["landmarks"]
-            rows.extend(info["rows"])
-            pos += k
+    for _base, info in parts:
+        for name, k in info["parts"]:
+            if k:
+                with np.load(work / name) as z:
+                    writer.images[pos:pos + k] = z["images"]
+                    writer.landmarks[pos:pos + k] = z["landmarks"]
+                pos += k
+        rows.extend(info["rows"])
         bar.update(1)
     bar.close()
     index = pd.DataFrame(rows)
