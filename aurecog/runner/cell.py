@@ -220,7 +220,7 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     dm = build_datamodule(cfg, fold, data_root, progress=progress)
     dm.setup("fit")
     model = build_model(cfg, dm.task_spec, dm.stats)
-    ckpt_root = Path(ckpt_root or REPO_ROOT / "checkpoints")
+    ckpt_root = Path(ckpt_root or os.environ.get("AURECOG_CHECKPOINTS") or REPO_ROOT / "checkpoints")
     ckpt_dir = ckpt_root / cfg["dataset"] / cfg["model"]["name"] / f"{fold}-{seed}"
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # an interrupted earlier attempt

@@ -134,7 +134,7 @@ def expand(dataset: str, models: str = DEFAULT_MODELS, folds: str | None = "all"
         for f in fold_list:
             for s in seed_list:
                 run_dir = results / "runs" / dataset / m / f"{f}-{s}"
-                logs = REPO_ROOT / "logs" / dataset / m
+                logs = results.parent / "logs" / dataset / m  # next to the results folder, git-ignored
                 cells.append(Cell(m, dataset, f, s, cfg, run_dir, logs / f"{f}-{s}.log", logs / f"{f}-{s}.status"))
     return cells
 
@@ -247,7 +247,7 @@ def _run_local(todo: list[Cell], jobs: int, threads: int, progress, grid_task, r
 def _run_submitit(todo: list[Cell], launcher: str, slurm: dict, progress, grid_task, result) -> None:
     import submitit
 
-    folder = REPO_ROOT / "logs" / "submitit"
+    folder = todo[0].log_path.parents[2] / "submitit"  # <logs>/submitit
     if launcher == "slurm":
         executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
         devices = int(slurm.get("gpus_per_node", 1))
