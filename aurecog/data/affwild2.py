@@ -41,7 +41,7 @@ def read_annotation(path: Path) -> np.ndarray:
 def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=True, *, frames="cropped_aligned",
             landmarks_dir=None, chunk=500):
     """Prepare Aff-Wild2's AU track (official Train_Set / Validation_Set)."""
-    src, out = Path(src), Path(out)
+    src, out, chunk = Path(src), Path(out), int(chunk)
     ann_root = P.require_dir(src / "annotations" / "AU_Detection_Challenge",
                              "annotations/AU_Detection_Challenge/{Train_Set,Validation_Set}/<video>.txt")
     img_root = P.require_dir(src / frames, f"{frames}/<video>/00001.jpg frames")

@@ -204,7 +204,9 @@ def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=Tr
             aus=BP4D_AUS, intensity_aus=BP4D_INTENSITY_AUS, tasks=None):
     """Prepare BP4D (12 AUs, intensities of AUs 6/10/12/14/17, 49-point landmarks)."""
     src, out = Path(src), Path(out)
-    jobs, report, seqs = list_jobs(src, dataset, list(aus), list(intensity_aus), set(tasks) if tasks else None)
+    aus, intensity_aus = [int(a) for a in P.as_list(aus)], [int(a) for a in P.as_list(intensity_aus)]
+    tasks = P.as_list(tasks)
+    jobs, report, seqs = list_jobs(src, dataset, aus, intensity_aus, set(tasks) if tasks else None)
     names = [P.au_name(a) for a in aus]
     inames = [P.au_name(a) for a in intensity_aus]
     meta = {

@@ -71,7 +71,10 @@ def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=Tr
             camera="left", chunk=500):
     """Prepare DISFA (12 AUs with intensities, occurrence at intensity >= ``positive_threshold``)."""
     src, out = Path(src), Path(out)
+    if camera not in ("left", "right"):
+        raise P.PrepareError(f"camera must be 'left' or 'right', got {camera!r}")
     side = {"left": "Left", "right": "Right"}[camera]
+    chunk = int(chunk)
     vid_dir = P.require_dir(src / f"Videos_{side}Camera", f"{side}VideoSNxxx_comp.avi videos")
     lab_root = P.require_dir(src / "ActionUnit_Labels", "ActionUnit_Labels/SNxxx/SNxxx_au<k>.txt")
     lm_root = src / "Landmark_Points"

@@ -220,6 +220,7 @@ def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=Tr
     src, out = Path(src), Path(out)
     given = {"ckplus": ckplus, "mmi": mmi, "oulu": oulu}
     builders = {"ckplus": ckplus_jobs, "mmi": mmi_jobs, "oulu": oulu_jobs}
+    parts = P.as_list(parts)
     unknown = set(parts) - set(builders)
     if unknown:
         raise P.PrepareError(f"unknown parts {sorted(unknown)}; expected ckplus, mmi, oulu")

@@ -90,6 +90,8 @@ def prepare_generic(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, pro
                     chunk=500, obtain_note=""):
     """Prepare a dataset described by a generic CSV index (see the module docstring)."""
     src, out = Path(src), Path(out)
+    positive_threshold, unknown, chunk = int(positive_threshold), int(unknown), int(chunk)
+    expressions = P.as_list(expressions)
     path = Path(csv) if Path(csv).is_absolute() else src / csv
     df = _read_csv(path)
     for col in ("image", "subject"):

@@ -655,6 +655,15 @@ def chunked(key: str, frames: list[Frame], size: int = 500, **job_kwargs) -> lis
             for i in range(0, len(frames), size)]
 
 
+def as_list(value) -> list[str] | None:
+    """Option values from the command line arrive as strings: ``"a,b"`` -> ``["a", "b"]``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
 def au_name(k: int | str) -> str:
     return f"AU{int(k)}"
 
