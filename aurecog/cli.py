@@ -34,7 +34,12 @@ def cmd_bench(a) -> int:
     if a.data_root and not Path(a.data_root).is_dir():
         raise SystemExit(f"error: DATA_ROOT {a.data_root} is not a folder. Prepare datasets with "
                          "`make prepare DATASET=<name> SRC=<distribution> DATA_ROOT=<folder>`.")
-    cells = grid.expand(a.dataset, a.models, a.folds, a.seeds, a.profile, a.protocol, Path(a.results), a.set)
+    overrides = list(a.set)
+    if a.launcher == "slurm":  # each SLURM job: one task per GPU, Lightning reads the SLURM environment
+        overrides += ["trainer.accelerator=gpu", f"trainer.devices={a.gpus_per_node}", f"trainer.num_nodes={a.nodes}"]
+    cells = grid.expand(a.dataset, a.models, a.folds, a.seeds, a.profile, a.protocol, Path(a.results), overrides)
+    if a.launcher != "slurm":
+        _check_devices(cells)
     mode = _wandb_mode(a.wandb)
     _check_data(a.dataset, a.data_root)
     console.print(f"[bold]aurecog bench[/bold] dataset={a.dataset} profile={cells[0].config['profile']} "
@@ -56,6 +61,20 @@ def cmd_bench(a) -> int:
     for c, _ in res["failed"]:
         console.print(f"[red]failed: {c.key} (log {c.log_path})[/red]")
     return 1 if res["failed"] else 0
+
+
+def _check_devices(cells) -> None:
+    """A GPU-only setting on a machine without a GPU fails here, before any cell starts."""
+    import torch
+
+    t = cells[0].config.get("trainer", {})
+    if t.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: the config asks for a GPU (trainer.accelerator=gpu) but no CUDA GPU is visible. "
+                         "Use --set trainer.accelerator=auto (or cpu), or run on a GPU machine.")
+    devices = t.get("devices", 1)
+    if isinstance(devices, int) and devices > 1 and t.get("accelerator") == "gpu" and \
+            torch.cuda.device_count() < devices:
+        raise SystemExit(f"error: trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible")
 
 
 def _check_data(dataset: str, data_root: str | None) -> None:
@@ -121,7 +140,11 @@ def cmd_synth(a) -> int:
 def cmd_prepare(a) -> int:
     from aurecog.data import prepare
 
-    prepare.run(a.dataset, a.src, a.out, workers=a.workers, image_size=a.size, progress=True)
+    bad = [kv for kv in a.option if "=" not in kv]
+    if bad:
+        raise SystemExit(f"error: --option takes KEY=VALUE, got {bad}")
+    opts = dict(kv.split("=", 1) for kv in a.option)
+    prepare.run(a.dataset, a.src, a.out, workers=a.workers, image_size=a.size, progress=True, **opts)
     return 0
 
 
@@ -140,7 +163,8 @@ def cmd_datasets(a) -> int:
 
     for n in C.dataset_names():
         cfg = C.load_dataset(n)
-        print(f"{n:16s} source={cfg.get('source')} task={cfg.get('task')} protocols={','.join(cfg.get('protocols', {}))}")
+        protocols = ",".join(cfg.get("protocols", {}))
+        print(f"{n:16s} source={cfg.get('source')} task={cfg.get('task')} protocols={protocols}")
     return 0
 
 
@@ -194,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True)
     pr.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     pr.add_argument("--size", type=int, default=256)
+    pr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="preparer option, e.g. positive_threshold=1, camera=right, landmarks_dir=DIR, name=mydata")
     pr.set_defaults(fn=cmd_prepare)
 
     sub.add_parser("models", help="list registered model variants and groups").set_defaults(fn=cmd_models)

@@ -24,7 +24,7 @@ TINY = ["--set", "trainer.max_epochs=1", "--set", "trainer.limit_train_batches=3
 def _bench(results: Path, *extra: str, env_extra: dict | None = None, popen: bool = False):
     cmd = [sys.executable, "-m", "aurecog.cli", "bench", "--dataset", "synth", "--models", "baseline",
            "--results", str(results), *TINY, *extra]
-    env = dict(os.environ, WANDB_MODE="disabled", **(env_extra or {}))
+    env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
     if popen:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

@@ -1,0 +1,220 @@
+"""`make perf`: model size, training/inference throughput, data path, and the models' batched-vs-loop paths.
+
+Writes markdown tables to results/perf/ with the command, machine and versions. CPU here; on a CUDA machine it
+adds GPU rows (bf16 autocast, channels_last and torch.compile as options) and the fraction of the measured bf16
+matrix-multiply rate each model reaches.
+
+    python benchmarks/run_all.py [--quick-only] [--models a,b] [--out results/perf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aurecog import config as C  # noqa: E402
+from aurecog.models.registry import build_model  # noqa: E402
+from aurecog.tasks import TaskSpec, TrainStats  # noqa: E402
+
+BP4D_AUS = ["AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU14", "AU15", "AU17", "AU23", "AU24"]
+#: the papers' own complexity figures (AC2D paper Table 6: CISNet 22.4M / 4.8G, AC2D 3.6M / 9.6G "FLOPs")
+PAPER_TABLE6 = {"cisnet": ("22.4M", "4.8G"), "ac2d": ("3.6M", "9.6G")}
+
+
+def fake_stats(task: TaskSpec, n_conf: int = 27) -> TrainStats:
+    c = task.num_outputs
+    corr = torch.eye(c) * 0.5 + 0.5 * torch.ones(c, c) * 0.1
+    corr.fill_diagonal_(1.0)
+    return TrainStats(n_train=1000, label_rate=[0.3] * c, n_pos=[300] * c, n_neg=[700] * c,
+                      label_corr=corr.tolist(), subjects=[f"S{i}" for i in range(n_conf)],
+                      subject_counts=[10] * n_conf, confounder="subject",
+                      confounders=[f"S{i}" for i in range(n_conf)], confounder_counts=[10] * n_conf)
+
+
+def fake_batch(b: int, size: int, task: TaskSpec, device="cpu") -> dict:
+    c = task.num_outputs
+    g = torch.Generator().manual_seed(0)
+    lm = torch.rand(b, 68, 2, generator=g) * size * 0.6 + size * 0.2
+    target = (torch.rand(b, c, generator=g) < 0.3).float() if task.kind == "au" else torch.randint(0, c, (b,))
+    batch = {"image": torch.randn(b, 3, size, size, generator=g), "landmarks": lm, "target": target,
+             "au": target if task.kind == "au" else torch.zeros(b, 12), "subject": torch.zeros(b, dtype=torch.long),
+             "train_subject": torch.arange(b) % 27, "confounder": torch.arange(b) % 27,
+             "sample": torch.arange(b), "source": torch.zeros(b, dtype=torch.long),
+             "flipped": torch.zeros(b, dtype=torch.bool)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build(variant: str, profile: str, size: int | None = None):
+    cfg = C.resolve(variant, "synth", profile)
+    size = size or cfg["data"]["input_size"]
+    cfg = C.deep_merge(cfg, {"data": {"input_size": size}})
+    task = TaskSpec("au", BP4D_AUS)
+    model = build_model(cfg, task, fake_stats(task))
+    return model, cfg, task, size
+
+
+def count(model, batch) -> tuple[float, float]:
+    params = sum(p.numel() for p in model.parameters())
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(batch)
+    return params, fc.get_total_flops() / 2  # MACs: one multiply-add = 2 FLOPs in torch's counter
+
+
+def throughput(model, batch, train: bool, steps: int = 5, warmup: int = 2) -> float:
+    model.train(train)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6) if train else None
+    b = batch["image"].shape[0]
+
+    def step():
+        if train:
+            out = model(batch)
+            loss = out["logits"].float().pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            with torch.no_grad():
+                model(batch)
+
+    for _ in range(warmup):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return steps * b / (time.perf_counter() - t)
+
+
+def header(title: str) -> list[str]:
+    import lightning
+    import timm
+
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return [f"# {title}", "", f"Command: `{' '.join(['python'] + sys.argv)}` (via `make perf`)", "",
+            f"Machine: {platform.node()} ({dev}); python {platform.python_version()}, torch {torch.__version__}, "
+            f"lightning {lightning.__version__}, timm {timm.__version__}; git {rev.strip()}; {date.today()}", ""]
+
+
+def model_size(variants: list[str], out: Path) -> None:
+    lines = header("Model size at each paper's input size (12 BP4D AUs)") + [
+        "MACs = multiply-accumulates from `torch.utils.flop_counter` (FLOPs / 2), one 1-image forward in eval mode.",
+        "", "| model | class | paper input | params (M) | MACs (G) | paper Table 6 (params / 'FLOPs') |",
+        "|---|---|---|---|---|---|"]
+    for v in variants:
+        try:
+            model, cfg, task, size = build(v, "paper")
+            p, macs = count(model, fake_batch(1, size, task))
+        except Exception as e:  # report, keep going
+            lines.append(f"| {v} | | | error: {type(e).__name__}: {e} | | |")
+            continue
+        ref = PAPER_TABLE6.get(v, ("", ""))
+        lines.append(f"| {v} | {cfg['model']['family']} | {size} | {p / 1e6:.2f} | {macs / 1e9:.2f} | "
+                     f"{' / '.join(ref) if ref[0] else ''} |")
+        print(lines[-1], flush=True)
+    (out / "model_size.md").write_text("\n".join(lines) + "\n")
+
+
+def model_throughput(variants: list[str], out: Path, batch: int, paper_sizes: bool) -> None:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = header("Training and inference throughput (images/s)") + [
+        f"Device {dev}; batch {batch}; fp32; synthetic inputs (no data loading). 'quick' = the quick profile's "
+        "model and input size, 'paper' = the paper profile's.", "",
+        "| model | profile | input | train img/s | infer img/s |", "|---|---|---|---|---|"]
+    profiles = ["quick"] + (["paper"] if paper_sizes else [])
+    for v in variants:
+        for prof in profiles:
+            try:
+                model, cfg, task, size = build(v, prof)
+                model.to(dev)
+                bs = batch if prof == "quick" else max(2, batch // 8)
+                b = fake_batch(bs, size, task, dev)
+                tr = throughput(model, b, True, steps=3 if prof == "paper" else 5)
+                inf = throughput(model, b, False, steps=3 if prof == "paper" else 5)
+            except Exception as e:
+                lines.append(f"| {v} | {prof} | | error: {type(e).__name__}: {e} | |")
+                continue
+            lines.append(f"| {v} | {prof} | {size} | {tr:.1f} | {inf:.1f} |")
+            print(lines[-1], flush=True)
+    (out / f"throughput_{dev}.md").write_text("\n".join(lines) + "\n")
+
+
+def data_path(out: Path, fastest_train: float | None) -> None:
+    from aurecog.data.synth import generate
+    from aurecog.runner.cell import build_datamodule
+
+    lines = header("Data path") + ["SynthAU generation and the prepared-format loader with the quick profile's "
+                                   "training augmentation (random crop, flip, brightness/contrast).", ""]
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp())
+    t = time.perf_counter()
+    p = generate("synth", cache_dir=tmp, progress=False)
+    gen_s = time.perf_counter() - t
+    n = int(__import__("json").loads((p / "meta.json").read_text())["n"])
+    shutil.rmtree(tmp, ignore_errors=True)
+    lines += [f"- SynthAU `synth` preset: {n} frames generated in {gen_s:.1f} s ({n / gen_s:.0f} frames/s).", ""]
+    cfg = C.resolve("baseline", "synth", "quick")
+    lines += ["| DataLoader workers | batch | images/s |", "|---|---|---|"]
+    best = 0.0
+    for workers in (0, 2):
+        cfg2 = C.deep_merge(cfg, {"data": {"num_workers": workers}})
+        dm = build_datamodule(cfg2, 0, progress=False)
+        dm.setup()
+        dl = dm.train_dataloader()
+        it = iter(dl)
+        next(it)
+        t = time.perf_counter()
+        k = 0
+        for _, b in zip(range(30), it):
+            k += b["image"].shape[0]
+        rate = k / (time.perf_counter() - t)
+        best = max(best, rate) if workers == cfg["data"]["num_workers"] else best
+        lines.append(f"| {workers} | {cfg['data']['batch_size']} | {rate:.0f} |")
+        print(lines[-1], flush=True)
+    if fastest_train:
+        lines += ["", f"Fastest quick-profile model trains at {fastest_train:.0f} img/s: the default loader "
+                  f"({cfg['data']['num_workers']} workers) delivers {best / fastest_train:.1f}x that."]
+    (out / "data_path.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="default")
+    ap.add_argument("--out", default=str(ROOT / "results" / "perf"))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--no-paper-throughput", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from aurecog.runner.grid import select_models
+
+    variants = select_models(a.models)
+    model_size(select_models("all") if a.models == "default" else variants, out)
+    model_throughput(variants, out, a.batch, not a.no_paper_throughput)
+    data_path(out, None)
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        if script.name not in ("run_all.py",) and not script.name.startswith("_"):
+            print(f"== {script.name}", flush=True)
+            subprocess.run([sys.executable, str(script)], cwd=ROOT, check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
