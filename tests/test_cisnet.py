@@ -96,6 +96,17 @@ def test_dataset_confounder_uses_confounder_index():
     torch.testing.assert_close(loss, expected)
 
 
+def test_intensity_task_uses_six_level_cross_entropy():
+    model = _quick_model(_stats(2, c=3), TaskSpec("intensity", ["AU6", "AU10", "AU12"])).eval()
+    batch = {"image": torch.randn(2, 3, 24, 24), "target": torch.tensor([[0.0, 3.0, -1.0], [5.0, 1.0, 2.0]])}
+    out = model(batch)
+    assert out["logits"].shape == (2, 3, 6) and out["attention"] is None  # no dictionary yet: r_cur = 0
+    loss, _ = model.compute_loss(out, batch)
+    known = batch["target"] >= 0
+    expected = torch.nn.functional.cross_entropy(out["logits"][known], batch["target"][known].long())
+    torch.testing.assert_close(loss, expected)
+
+
 def test_cis_attention_matches_eqs_3_to_5():
     """alpha sums to 1 over subjects; y = W_X f + W_S sum_i alpha_i P(s_i) s_i, alpha from scaled dot products."""
     model = _quick_model(_stats(5)).eval()
