@@ -192,15 +192,18 @@ def test_model_attention_output_and_loss():
     gt, has = model.attention_target(batch, 4)
     l_a = attention_kl(gt, out["attention"].log(), has)
     torch.testing.assert_close(parts["loss_attention"], l_a)
-    torch.testing.assert_close(loss, parts["loss_au"] + 1.28e4 * l_a)  # Eq. 15
+    assert model.lambda_a == model.cfg["ac2d"]["attention"]["lambda"]
+    torch.testing.assert_close(loss, parts["loss_au"] + model.lambda_a * l_a)  # Eq. 15
     # A^e: the mean over channels of KL(gt || A_s)
     ae = tiny_model("ac2d-ae").train()
     out = ae(batch)
     _, parts = ae.compute_loss(out, batch)
     assert parts["loss_attention"] > attention_kl(gt, out["attention"].log(), has) - 1e-6  # Jensen
     # B-Net: no attention loss
-    _, parts = tiny_model("ac2d-bnet").train().compute_loss(tiny_model("ac2d-bnet").train()(batch), batch)
-    assert "loss_attention" not in parts
+    bnet = tiny_model("ac2d-bnet").train()
+    out = bnet(batch)
+    _, parts = bnet.compute_loss(out, batch)
+    assert "loss_attention" not in parts and "attention" not in out
 
 
 # --------------------------------------------------------------------------- Eq. 14
@@ -334,6 +337,8 @@ def test_variants_registered():
     p = resolve("ac2d", "synth", "paper")
     assert p["data"]["input_size"] == 176 and p["data"]["resize"] == 200
     assert p["trainer"]["gradient_clip_val"] == 3.0 and p["optim"]["lr_scale_batch"] == 256
+    assert p["ac2d"]["attention"]["lambda"] == 1.28e4 and p["ac2d"]["attention"]["sigma"] == 3.0
+    assert p["ac2d"]["width"] == 64 and p["ac2d"]["depths"] == [1, 6, 3]
 
 
 def test_parameter_count_matches_table6():
@@ -389,14 +394,15 @@ def test_render_attention_png(fake_root, tmp_path):
     batch = next(iter(dm.test_dataloader()))
     out = render_attention(model, batch, tmp_path / "att.png", max_images=2)
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # CLI path: a checkpoint in the runner's layout
+    # CLI path: a checkpoint in the runner's layout (written by hand: no training needed to test loading)
     cfg = dict(model.cfg, dataset_config=dataset_config())
-    model.cfg = cfg
     model.hparams["cfg"] = cfg
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        limit_train_batches=1, limit_val_batches=0, enable_model_summary=False)
-    trainer.fit(model, datamodule=dm)
     ckpt = tmp_path / "checkpoints" / "fake" / "ac2d" / "0-0" / "best.ckpt"
-    trainer.save_checkpoint(ckpt)
-    png = main(["--ckpt", str(ckpt), "--out", str(tmp_path / "cli.png"), "--n", "2", "--data-root", str(fake_root)])
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": L.__version__}, ckpt)
+    run_dir = tmp_path / "runs" / "fake" / "ac2d" / "0-0"
+    run_dir.mkdir(parents=True)
+    png = main(["--run-dir", str(run_dir), "--ckpt-root", str(tmp_path / "checkpoints"), "--out",
+                str(tmp_path / "cli.png"), "--n", "2", "--data-root", str(fake_root)])
     assert png.exists() and png.stat().st_size > 1000

@@ -522,10 +522,12 @@ class AC2D(AUModel):
         d_m = CAUSAL_DM_FACTOR * self.width
         if self.causal_mode.startswith("branch"):
             self.causal = nn.ModuleList([PrototypeAttention(self.width, d_m, self.width) for _ in range(m)])
+            self.causal.apply(_init_conv_bn)
             self.bank = FeatureBank(m, self.width)
             self.register_buffer("prototype", torch.zeros(m, self.width))
         elif self.causal_mode == "shared_dynamic":
             self.causal = PrototypeAttention(self.width, d_m, self.width)
+            self.causal.apply(_init_conv_bn)
             side = shared_grid_size(int(cfg.get("data", {}).get("input_size", 176)), int(a.get("first_stride", 1)))
             self.bank = FeatureBank(1, side * side * self.width)
             self.register_buffer("prototype", torch.zeros(side * side, self.width))
@@ -628,7 +630,7 @@ class AC2D(AUModel):
                 log_pred = out["attention"].clamp_min(torch.finfo(out["attention"].dtype).tiny).log()
             else:  # A^e: mean over channels s of KL(gt || A_s) = sum gt log gt - sum gt * mean_s log A_s
                 log_pred = out["attention_mean_log"]
-            l_a = attention_kl(gt.to(log_pred.dtype), log_pred, has)
+            l_a = attention_kl(gt.float(), log_pred.float(), has)
             parts["loss_attention"] = l_a
             loss = loss + self.lambda_a * l_a  # Eq. 15
         return loss, parts
