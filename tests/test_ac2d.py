@@ -29,6 +29,15 @@ from aurecog.models.registry import build_model
 from aurecog.tasks import TaskSpec, TrainStats
 from tests.helpers import BP4D_AUS, dataset_config, make_prepared
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = {"ac2d": {"width": 8, "depths": [1, 1, 2], "drop_path": 0.0, "attention": {"sigma": 1.0}},
         "data": {"input_size": 32, "batch_size": 8, "eval_batch_size": 16}}
 
@@ -354,7 +363,6 @@ def test_parameter_count_matches_table6():
 
 def test_macs_at_paper_size():
     """FlopCounterMode at 176 x 176, 12 AUs: about 4.5G multiply-accumulates (Table 6 prints 9.6G FLOPs)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     r = complexity(12, 176)
     assert 4.2e9 < r["macs"] < 4.8e9
 
