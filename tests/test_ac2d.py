@@ -29,6 +29,7 @@ from aurecog.models.registry import build_model
 from aurecog.tasks import TaskSpec, TrainStats
 from tests.helpers import BP4D_AUS, dataset_config, make_prepared
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The models here are tiny: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine."""
