@@ -51,8 +51,9 @@ def _index(subjects, per=3, datasets=None, expr=None):
     rows = []
     for i, s in enumerate(subjects):
         for j in range(per):
-            rows.append({"subject": s, "dataset": (datasets or ["d"])[i % len(datasets or ["d"])],
-                         "expression": (expr[j % len(expr)] if expr else -1), "split": "train" if i % 3 else "validation"})
+            ds = datasets or ["d"]
+            rows.append({"subject": s, "dataset": ds[i % len(ds)], "expression": (expr[j % len(expr)] if expr else -1),
+                         "split": "train" if i % 3 else "validation"})
     return pd.DataFrame(rows)
 
 

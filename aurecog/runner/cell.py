@@ -96,7 +96,8 @@ def build_datamodule(cfg: dict, fold: int, data_root: str | None = None, progres
 
     d = cfg.get("data", {})
     return AUDataModule(
-        dataset=cfg.get("dataset_config") or cfg["dataset"], protocol=cfg.get("protocol"), fold=fold, task=cfg.get("task"),
+        dataset=cfg.get("dataset_config") or cfg["dataset"], protocol=cfg.get("protocol"), fold=fold,
+        task=cfg.get("task"),
         data_root=data_root, input_size=d.get("input_size", 64), resize=d.get("resize"),
         batch_size=d.get("batch_size", 32), eval_batch_size=d.get("eval_batch_size"),
         num_workers=d.get("num_workers", 0), mean=d.get("mean", (0.5,) * 3), std=d.get("std", (0.5,) * 3),
@@ -175,7 +176,8 @@ def make_logger(cfg: dict, run_dir: Path, fold: int, seed: int, wandb_mode: str)
     (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
     return WandbLogger(
         project=os.environ.get("WANDB_PROJECT", "aurecog"), save_dir=str(run_dir), offline=wandb_mode == "offline",
-        group=f"{cfg['dataset']}/{m['name']}", job_type=f"fold{fold}", name=f"{m['name']}-{cfg['dataset']}-f{fold}-s{seed}",
+        group=f"{cfg['dataset']}/{m['name']}", job_type=f"fold{fold}",
+        name=f"{m['name']}-{cfg['dataset']}-f{fold}-s{seed}",
         tags=[cfg["profile"], f"seed{seed}", git_revision(), m["family"]], config=cfg, mode=wandb_mode)
 
 
@@ -267,7 +269,8 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     }
     atomic_write_json(run_dir / "config.json", cfg)
     atomic_write_df(run_dir / "history.csv", pd.DataFrame(history.rows))
-    atomic_write_df(run_dir / "predictions.parquet", predictions_frame(dm, res["predictions"], dm.task_spec.names, kind))
+    preds = predictions_frame(dm, res["predictions"], dm.task_spec.names, kind)
+    atomic_write_df(run_dir / "predictions.parquet", preds)
     env = environment()
     env.update({"argv": sys.argv, "world_size": trainer.world_size, "wall_time_s": metrics["wall_time_s"]})
     atomic_write_json(run_dir / "environment.json", env)

@@ -164,8 +164,14 @@ def run_grid(cells: list[Cell], data_root: str | None = None, wandb_mode: str = 
              launcher: str = "local", slurm: dict | None = None, console=None) -> dict:
     """Run the unfinished cells; returns {"done": [...], "skipped": [...], "failed": [(cell, log tail)]}."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = console or Console(stderr=True)
     todo = [c for c in cells if not c.finished()]

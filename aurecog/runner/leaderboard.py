@@ -126,8 +126,8 @@ def render(dataset: str, results: Path | None = None, plots: bool = True) -> tup
     for task, tdf in agg.groupby("task", sort=True):
         metric = PRIMARY[task]
         labels = next(r["labels"] for r in runs if r["task"] == task)
-        lines += [f"## Task: {task} ({metric} x 100, {'pooled over folds' if task == 'expression' else 'mean over folds'}"
-                  ", mean +/- std over seeds)", ""]
+        how = "pooled over folds" if task == "expression" else "mean over folds"
+        lines += [f"## Task: {task} ({metric} x 100, {how}, mean +/- std over seeds)", ""]
         header = ["model", "group"] + labels + ["mean", "+/-"]
         if task == "au":
             header.append("PCC sim.")
@@ -165,7 +165,8 @@ def render(dataset: str, results: Path | None = None, plots: bool = True) -> tup
                 for _, pr in piv.sort_values(["paper", "table", "model"]).iterrows():
                     vals = ["" if pd.isna(pr[c]) else f"{float(pr[c]):.1f}" for c in cols]
                     row_name = pr["paper_row"] if isinstance(pr["paper_row"], str) else pr["model"]
-                    lines.append(f"| {pr['paper']} | {pr['table']} | {row_name} (reported) | " + " | ".join(vals) + " |")
+                    lines.append(f"| {pr['paper']} | {pr['table']} | {row_name} (reported) | "
+                                 + " | ".join(vals) + " |")
         lines.append("")
     if plots:
         pngs = write_plots(dataset, runs, agg, out_dir)
