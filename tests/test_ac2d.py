@@ -16,7 +16,6 @@ from aurecog.data.landmarks import INTRAFACE49_FROM_IBUG68
 from aurecog.data.transforms import FaceTransform
 from aurecog.models.ac2d import (
     AC2D,
-    AU_SUBCENTRES,
     BAttention,
     attention_kl,
     complexity,
@@ -110,7 +109,6 @@ def test_flip_swaps_subcentres_and_mirrors_gt():
     mirror = lambda p: torch.stack([size - 1 - p[..., 0], p[..., 1]], -1)  # noqa: E731
     for j, name in enumerate(names):
         a, b = table[j]
-        i1, i2, _ = AU_SUBCENTRES.get(int(name[2:]), (0, 1, 0))
         if name in ("AU23", "AU24", "AU25"):  # both sub-centres on the midline: each maps to itself
             torch.testing.assert_close(p1[a], mirror(p0[a]), atol=1e-4, rtol=0)
         else:  # left/right pair: sub-centre 1 of the flipped face is the mirror of sub-centre 2
