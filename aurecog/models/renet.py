@@ -214,14 +214,15 @@ class AUConditionalBatchNorm2d(nn.Module):
         gamma, beta = self.graph_params()  # (C, F)
         if self.training:
             if self.ctx.single is not None:
+                # the whole batch conditioned on AU c: the fused BN kernel on copies of AU c's running statistics
                 c = self.ctx.single
-                var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-                scale = gamma[c] * torch.rsqrt(var + self.eps)
-                shift = beta[c] - mean * scale
-                cnt = x.numel() // x.shape[1]
-                which = torch.tensor([c], device=x.device)
-                self._update_running(which, mean[None], (var * cnt / max(cnt - 1, 1))[None])
-                return x * scale[None, :, None, None] + shift[None, :, None, None]
+                rm, rv = self.running_mean[c].clone(), self.running_var[c].clone()
+                self.num_batches_tracked[c] += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked[c])
+                out = F.batch_norm(x, rm, rv, gamma[c], beta[c], True, m, self.eps)
+                self.running_mean[c] = rm
+                self.running_var[c] = rv
+                return out
             # per-AU batch statistics (Eq. 2) of a batch expanded over several AUs, two-pass, vectorised
             onehot = F.one_hot(idx, self.num_conditions).to(x.dtype)  # N, C
             counts = onehot.sum(0)  # C
@@ -297,6 +298,10 @@ class RENet(AUModel):
         self.converted = convert_batchnorms(self.backbone, c, self.ctx) if self.conditional else []
         if self.conditional and not self.converted:
             raise ValueError(f"backbone {b.get('name')!r} has no BatchNorm2d to condition")
+        if r.get("bn_momentum") is not None:  # per-AU running statistics are updated only when the AU is drawn
+            for mod in self.backbone.modules():
+                if isinstance(mod, AUConditionalBatchNorm2d):
+                    mod.momentum = float(r["bn_momentum"])
 
         g = dict(r.get("graph", {}))
         corr = torch.as_tensor(self.stats.corr_array())
