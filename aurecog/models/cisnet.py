@@ -78,6 +78,8 @@ class CISNet(AUModel):
         h = cfg.get("head", {})
         self.head = TaskHead(d_in, self.task, hidden=h.get("hidden", 64), dropout=h.get("dropout", 0.0))
         self.bank_only_epochs = int(cfg.get("bank_only_epochs", PAPER_BANK_ONLY_EPOCHS))
+        if self.bank_only_epochs < 1:  # training needs a dictionary (and W_Q/W_K gradients, which DDP expects)
+            raise ValueError("CISNet: bank_only_epochs must be >= 1 (the first epoch builds the dictionary)")
 
         if self.stats.confounder == "subject":
             self.group_key, n_groups = "train_subject", self.stats.n_subjects
