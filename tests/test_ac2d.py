@@ -390,7 +390,9 @@ def test_fit_and_test_end_to_end(fake_root):
     trainer.fit(model, datamodule=dm)
     assert bool(model.prototype_ready)
     trainer.test(model, datamodule=dm, verbose=False)
-    assert "f1_mean" in model.test_results["metrics"] or len(model.test_results["metrics"]) > 0
+    metrics = model.test_results["metrics"]
+    assert 0.0 <= float(metrics["f1"]) <= 1.0 and "f1/AU12" in metrics
+    assert model.test_results["predictions"]["scores"].shape[1] == 12
 
 
 def test_render_attention_png(fake_root, tmp_path):
