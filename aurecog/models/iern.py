@@ -568,7 +568,7 @@ class IERN(AUModel):
         with trainable_only(self, self.optimizer_params()["dis"]):
             l_de = self._dis_target_loss(self.d_e(emo.detach()), batch["target"])
             l_dc = self._conf_ce(self.d_c(con.detach()), batch["confounder"])
-            loss = (l_de + l_dc) / 2
+            loss = self.lambda_1 * (l_de + l_dc) / 2
             self._backward_step(opt, loss)
         return loss.detach()
 
@@ -621,9 +621,3 @@ class IERN(AUModel):
         for k, v in parts.items():
             self.log(f"train/{k}", v, batch_size=bs)
         return None
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
