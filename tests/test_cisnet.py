@@ -47,8 +47,8 @@ def test_variants_registered():
         assert v[name]["family"] == "cisnet" and v[name]["group"] == "cisnet-ablation"
     for depth in (18, 34, 50):
         w = v[f"cisnet-resnet{depth}-wo"]
-        assert w["family"] == "baseline" and w["group"] == "cisnet-ablation"
-        assert w["overrides"]["backbone"]["name"] == f"resnet{depth}"
+        assert w["family"] == "cisnet" and w["group"] == "cisnet-ablation"
+        assert w["overrides"]["backbone"]["name"] == f"resnet{depth}" and w["overrides"]["cis"]["enabled"] is False
     paper = resolve("cisnet", "synth", "paper")
     assert paper["optim"] == {"name": "sgd", "lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
     assert paper["data"]["input_size"] == 256 and paper["data"]["batch_size"] == 4
@@ -94,6 +94,24 @@ def test_dataset_confounder_uses_confounder_index():
     loss, _ = model.compute_loss(out, batch)
     expected = torch.nn.functional.cross_entropy(out["logits"][:2], batch["target"][:2])
     torch.testing.assert_close(loss, expected)
+
+
+def test_without_cis_differs_only_by_the_cis_module():
+    """Table 3 'w/o CIS': same backbone/projector/classifier, f_cur straight to the classifier, no bank-only epoch."""
+    stats = _stats(3)
+    with_cis = _quick_model(stats)
+    torch.manual_seed(0)
+    wo = build_model(resolve("cisnet-resnet18-wo", "synth", "quick"), TaskSpec("au", BP4D_AUS), stats).eval()
+    n_cis = sum(p.numel() for p in with_cis.cis.parameters())
+    d, dm = with_cis.prototypes.shape[1], with_cis.cis.d_m
+    assert n_cis == 2 * (d * dm + dm) + 2 * (d * d + d)  # W_Q, W_K (d -> d_m), W_X, W_S (d -> d)
+    assert sum(p.numel() for p in wo.parameters()) == sum(p.numel() for p in with_cis.parameters()) - n_cis
+    assert wo.cis is None and not wo.bank_only() and with_cis.bank_only()
+    img = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        out = wo({"image": img})
+        torch.testing.assert_close(out["logits"], wo.head(wo.projector(wo.backbone(img))))
+    assert out["attention"] is None
 
 
 def test_intensity_task_uses_six_level_cross_entropy():

@@ -38,6 +38,9 @@ code (their forward runs in train mode). Design choices documented here:
   sums. Unregistered, the bank is all-reduced only by :meth:`CISNet.build_dictionary`. It is moved to the feature
   device on use and reset every epoch, so nothing of it needs checkpointing.
 
+``cis.enabled: false`` removes the CIS module (f_cur goes straight to the classifier) and the memory banks:
+the 'w/o CIS' rows of Table 3, identical otherwise (network, loss, recipe), as in Ablation A2.
+
 Loss: Eq. 6, L = -sum_i [(1 - mu_i) p_i log p^_i + mu_i (1 - p_i) log(1 - p^_i)], mu_i the AU's training
 occurrence rate (``stats.label_rate``), unknown labels masked, averaged over known entries (``loss.reduction:
 mean``, the authors' / (C N) normalisation). The authors' code passes the weights under a wrong keyword and so
@@ -74,11 +77,14 @@ class CISNet(AUModel):
         c = cfg.get("cis", {})
         d_in = int(c.get("feature_dim", 512))
         self.projector = nn.Linear(feat_dim, d_in)
-        self.cis = PrototypeAttention(d_in, int(c.get("d_m", 256)), d_in)
+        # cis.enabled: false gives the 'w/o CIS' rows of Table 3: the same network, loss and recipe without the
+        # CIS module (Ablation A2: the two models "only differ in terms of CIS module"); no memory banks then.
+        self.use_cis = bool(c.get("enabled", True))
+        self.cis = PrototypeAttention(d_in, int(c.get("d_m", 256)), d_in) if self.use_cis else None
         h = cfg.get("head", {})
         self.head = TaskHead(d_in, self.task, hidden=h.get("hidden", 64), dropout=h.get("dropout", 0.0))
-        self.bank_only_epochs = int(cfg.get("bank_only_epochs", PAPER_BANK_ONLY_EPOCHS))
-        if self.bank_only_epochs < 1:  # training needs a dictionary (and W_Q/W_K gradients, which DDP expects)
+        self.bank_only_epochs = int(cfg.get("bank_only_epochs", PAPER_BANK_ONLY_EPOCHS)) if self.use_cis else 0
+        if self.use_cis and self.bank_only_epochs < 1:  # training needs a dictionary (W_Q/W_K grads for DDP)
             raise ValueError("CISNet: bank_only_epochs must be >= 1 (the first epoch builds the dictionary)")
 
         if self.stats.confounder == "subject":
@@ -111,6 +117,8 @@ class CISNet(AUModel):
 
     def intervene(self, f: Tensor) -> tuple[Tensor, Tensor | None]:
         """CIS module, Eqs. 3-5: W_X f + W_S sum_i alpha_i P(s_i) s_i; attention (B, N') or None."""
+        if self.cis is None:
+            return f, None
         if not bool(self.dictionary_ready):
             return self.cis.w_x(f) + self.cis.w_s(torch.zeros_like(f)), None
         present = self.priors > 0
@@ -158,18 +166,20 @@ class CISNet(AUModel):
         self.bank.reset()
 
     def on_train_epoch_end(self) -> None:
-        self.build_dictionary()
+        if self.use_cis:
+            self.build_dictionary()
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        groups = batch[self.group_key]
+        groups = batch[self.group_key] if self.use_cis else None
         if self.bank_only():
             with torch.no_grad():
                 self.update_bank(self.features(batch["image"]), groups)
             return None
         opt = self.optimizers()
         out = self(batch)
-        self.update_bank(out["feature"].detach(), groups)
+        if self.use_cis:
+            self.update_bank(out["feature"].detach(), groups)
         loss, parts = self.compute_loss(out, batch)
         opt.zero_grad()
         self.manual_backward(loss)
