@@ -408,3 +408,12 @@ def test_icc31_textbook_and_published_example():
     np.testing.assert_allclose(ours, ref, rtol=1e-10)
     # hand example, two raters: targets (1,2),(2,2),(3,4): BMS = 13/6, EMS = 1/6 -> (12/6) / (14/6) = 6/7
     assert float(icc31(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 2, 4]))[0]) == pytest.approx(6 / 7)
+
+
+def test_bn_momentum_from_config():
+    """Quick profile: per-AU statistics momentum 0.5 (each AU is drawn on ~1/C of the steps); null keeps 0.1."""
+    bns = [mod for mod in _model().modules() if isinstance(mod, AUConditionalBatchNorm2d)]
+    assert bns and all(b.momentum == 0.5 for b in bns)
+    bns = [mod for mod in _model(extra={"renet": {"bn_momentum": None}}).modules()
+           if isinstance(mod, AUConditionalBatchNorm2d)]
+    assert all(b.momentum == pytest.approx(0.1) for b in bns)
