@@ -10,7 +10,8 @@ with keys k_i = the confounder prototypes s_i and values v_i = P(s_i) s_i (the p
 
 :class:`FeatureBank` accumulates per-group feature sums and counts over an epoch (CISNet's subject memory
 banks, AC2D's C^e(s) epoch prototypes, IERN's pre-computed confounder dictionary) and reduces them across DDP
-ranks, so every rank ends the epoch with the same dictionary.
+ranks, so every rank ends the epoch with the same dictionary (it holds no module buffers, which DDP would
+overwrite from rank 0).
 """
 
 from __future__ import annotations
@@ -55,20 +56,28 @@ class PrototypeAttention(nn.Module):
         return self.w_x(x) + self.w_s(r), attn
 
 
-class FeatureBank(nn.Module):
+class FeatureBank:
     """Per-group running sums of features; ``means()``/``priors()`` give the dictionary (S, P(S)).
 
-    Sums and counts are buffers, so they survive checkpointing. :meth:`sync` all-reduces them across DDP
-    ranks (call it once per epoch on every rank, before reading the dictionary).
+    Deliberately *not* an ``nn.Module`` with buffers: DDP broadcasts module buffers from rank 0 at every forward
+    pass, which would overwrite each rank's partial sums before :meth:`sync`. The bank is epoch-local scratch
+    space; models copy the synced dictionary into their own buffers (which checkpoints keep). Its tensors follow
+    the device of the features given to :meth:`update`. :meth:`sync` all-reduces across DDP ranks (call it once
+    per epoch on every rank, before reading the dictionary).
     """
 
     def __init__(self, n_groups: int, dim: int):
-        super().__init__()
-        self.register_buffer("sums", torch.zeros(n_groups, dim, dtype=torch.float64))
-        self.register_buffer("counts", torch.zeros(n_groups, dtype=torch.float64))
+        self.sums = torch.zeros(n_groups, dim, dtype=torch.float64)
+        self.counts = torch.zeros(n_groups, dtype=torch.float64)
+
+    def to(self, device) -> FeatureBank:
+        self.sums, self.counts = self.sums.to(device), self.counts.to(device)
+        return self
 
     @torch.no_grad()
     def update(self, features: Tensor, groups: Tensor) -> None:
+        if self.sums.device != features.device:
+            self.to(features.device)
         keep = groups >= 0
         if not keep.any():
             return

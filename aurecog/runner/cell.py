@@ -112,9 +112,9 @@ class HistoryCallback(L.Callback):
     def __init__(self):
         self.rows: list[dict] = []
 
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer, pl_module):
+        # Read at the end of the training epoch: the epoch's validation has run and its metrics are logged
+        # (callbacks' on_validation_epoch_end runs before the module's, which would lag one epoch).
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for k, v in trainer.callback_metrics.items():
             if k.startswith(("val/", "train/")) and k.count("/") == 1:
