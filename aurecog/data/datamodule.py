@@ -155,6 +155,16 @@ class AUDataModule(L.LightningDataModule):
         self._is_setup = False
 
     # ------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:
+        """Generate SynthAU presets once (Lightning calls this on one process per node, before ``setup``), so
+        DDP ranks never write the same cache folder at the same time."""
+        names = [self.cfg]
+        if self.protocol["type"] == "cross_dataset":
+            names.append(C.load_dataset(self.protocol["test_dataset"]))
+        for cfg in names:
+            if cfg.get("source") == "synth":
+                open_source(cfg, self.data_root, self.synth_seed, self.progress)
+
     def setup(self, stage: str | None = None) -> None:
         if self._is_setup:
             return
