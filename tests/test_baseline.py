@@ -37,3 +37,28 @@ def test_quick_profile_uses_narrow_backbone():
     assert cfg["backbone"]["channels"] == [16, 32, 64, 128]
     paper = resolve("baseline", "synth", "paper")
     assert "channels" not in paper["backbone"] and paper["data"]["input_size"] == 224
+
+
+def test_balanced_pos_weight_loss_matches_hand_computation(tmp_path):
+    import math
+
+    make_prepared(tmp_path / "fake", n_subjects=6, per_subject=6)
+    dm = AUDataModule(dataset_config(), data_root=str(tmp_path), input_size=32, batch_size=6)
+    dm.setup()
+    model = build_model(resolve("baseline", "synth", "quick"), dm.task_spec, dm.stats)
+    assert model.cfg["loss"]["pos_weight"] == "balanced"
+    logits = torch.randn(4, 12)
+    target = (torch.rand(4, 12) < 0.4).float()
+    target[0, 3] = -1
+    loss, _ = model.compute_loss({"logits": logits}, {"target": target})
+    total, known = 0.0, 0
+    for i in range(4):
+        for j in range(12):
+            t = float(target[i, j])
+            if t < 0:
+                continue
+            v = dm.stats.n_neg[j] / max(dm.stats.n_pos[j], 1)
+            p = 1 / (1 + math.exp(-float(logits[i, j])))
+            total += -(v * t * math.log(p) + (1 - t) * math.log(1 - p))
+            known += 1
+    assert float(loss) == pytest.approx(total / known, rel=1e-5)

@@ -65,8 +65,17 @@ class AUModel(L.LightningModule):
         raise NotImplementedError
 
     def compute_loss(self, out: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """Default: the task's plain loss (masked BCE / CE). Models override with their paper's loss."""
-        loss = task_loss(self.task.kind, out["logits"], batch["target"])
+        """Default: the task's plain loss (masked BCE / CE). Models override with their paper's loss.
+
+        ``loss.pos_weight: balanced`` weighs each AU's positives by its training negatives/positives ratio
+        (the usual imbalance-aware BCE; AC2D Eq. 14's v_j without the per-AU weights w_j).
+        """
+        kwargs = {}
+        if self.task.kind == "au" and self.cfg.get("loss", {}).get("pos_weight") == "balanced":
+            n_pos = torch.as_tensor(self.stats.n_pos, dtype=out["logits"].dtype, device=out["logits"].device)
+            n_neg = torch.as_tensor(self.stats.n_neg, dtype=n_pos.dtype, device=n_pos.device)
+            kwargs["pos_coef"] = n_neg / n_pos.clamp_min(1)
+        loss = task_loss(self.task.kind, out["logits"], batch["target"], **kwargs)
         return loss, {}
 
     def scores(self, out: dict) -> Tensor:
