@@ -99,7 +99,7 @@ class CISNet(AUModel):
         self.register_buffer("prototypes", torch.zeros(n_groups, d_in))
         self.register_buffer("priors", torch.zeros(n_groups))
         self.register_buffer("dictionary_ready", torch.zeros((), dtype=torch.bool))
-        object.__setattr__(self, "bank", FeatureBank(n_groups, d_in))  # unregistered: see module docstring
+        self.bank = FeatureBank(n_groups, d_in)  # a plain object, not a module: DDP never broadcasts it
 
         loss_cfg = cfg.get("loss", {})
         self.loss_reduction = loss_cfg.get("reduction", "mean")
