@@ -12,6 +12,7 @@ FOLDS ?= all
 SEEDS ?= 0
 PROFILE ?=
 PROTOCOL ?=
+TASK ?=
 DATA_ROOT ?=
 JOBS ?= 2
 WANDB ?=
@@ -20,7 +21,7 @@ SRC ?=
 ARGS ?=
 
 BENCH_ARGS := --dataset $(DATASET) --models $(MODELS) --folds $(FOLDS) --seeds $(SEEDS) --jobs $(JOBS) \
-	--launcher $(LAUNCHER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) \
+	--launcher $(LAUNCHER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(TASK),--task $(TASK)) \
 	$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
 
 .PHONY: bench test leaderboard perf prepare synth lint env clean-cache

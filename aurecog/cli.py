@@ -37,13 +37,15 @@ def cmd_bench(a) -> int:
     overrides = list(a.set)
     if a.launcher == "slurm":  # each SLURM job: one task per GPU, Lightning reads the SLURM environment
         overrides += ["trainer.accelerator=gpu", f"trainer.devices={a.gpus_per_node}", f"trainer.num_nodes={a.nodes}"]
-    cells = grid.expand(a.dataset, a.models, a.folds, a.seeds, a.profile, a.protocol, Path(a.results), overrides)
+    cells = grid.expand(a.dataset, a.models, a.folds, a.seeds, a.profile, a.protocol, Path(a.results), overrides,
+                        task=a.task)
     if a.launcher != "slurm":
         _check_devices(cells)
     mode = _wandb_mode(a.wandb)
     _check_data(a.dataset, a.data_root)
-    console.print(f"[bold]aurecog bench[/bold] dataset={a.dataset} profile={cells[0].config['profile']} "
-                  f"protocol={cells[0].config['protocol']} models={len({c.model for c in cells})} "
+    c0 = cells[0].config
+    console.print(f"[bold]aurecog bench[/bold] dataset={a.dataset} profile={c0['profile']} "
+                  f"protocol={c0['protocol']} task={c0['task']} models={len({c.model for c in cells})} "
                   f"cells={len(cells)} wandb={mode} launcher={a.launcher}")
     _prepare_synth(a.dataset)
     t0 = time.time()
@@ -179,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", default="0", help="comma-separated seeds")
     b.add_argument("--profile", default=None, help="quick | paper (default: the dataset's default_profile)")
     b.add_argument("--protocol", default=None)
+    b.add_argument("--task", default=None, choices=["au", "intensity", "expression"],
+                   help="task kind (default: the dataset's; e.g. intensity on synth-disfa / disfa)")
     b.add_argument("--data-root", default=os.environ.get("DATA_ROOT") or None)
     b.add_argument("--results", default=str(REPO_ROOT / "results"))
     b.add_argument("--jobs", type=int, default=1, help="cells run at once (local launcher)")

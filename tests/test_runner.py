@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from aurecog.config import REPO_ROOT
+from aurecog.data.synth import GENERATOR_VERSION, default_cache_dir
 from aurecog.runner import grid
 
 TINY = ["--set", "trainer.max_epochs=1", "--set", "trainer.limit_train_batches=3", "--set",
@@ -42,6 +43,16 @@ def test_grid_expansion_groups_and_errors():
         grid.select_models("nope")
     with pytest.raises(grid.GridError, match="out of range"):
         grid.expand("synth", "baseline", "5", "0", "quick")
+    # another protocol or task gets its own run folders (never skipped as the default protocol's finished cells)
+    default_dir = grid.expand("synth-fermix", "iern", "0", "0")[0].run_dir
+    bias90 = grid.expand("synth-fermix", "iern", "0", "0", protocol="bias90")[0]
+    assert default_dir.parts[-3:] == ("synth-fermix", "iern", "0-0")
+    assert bias90.run_dir.parts[-4:] == ("synth-fermix", "iern", "bias90", "0-0")
+    assert bias90.config["protocol"] == "bias90"
+    inten = grid.expand("synth-disfa", "renet", "0", "0", task="intensity")[0]
+    assert inten.run_dir.parts[-3:] == ("renet", "kfold3-intensity", "0-0") and inten.config["task"] == "intensity"
+    with pytest.raises(grid.GridError, match="unknown task 'ocurrence'"):
+        grid.expand("synth", "baseline", "0", "0", task="ocurrence")
     c = grid.set_dotted({"a": {"b": 1}}, ["a.c=2", "d=[1, 2]"])
     assert c == {"a": {"b": 1, "c": 2}, "d": [1, 2]}
 
@@ -81,6 +92,11 @@ def test_kill_during_a_cell_then_rerun_finishes_only_unfinished_cells(tmp_path):
     preds = pd.read_parquet(run / "predictions.parquet")
     assert len(preds) == m["n_test"] and preds["sample"].is_unique
     assert set(preds["subject"]).isdisjoint(m["train_subjects"])
+    # SynthAU ground truth for the bias breakdown: fold 1's test subjects, its contrarian among them
+    meta = json.loads((default_cache_dir() / f"synth-seed0-v{GENERATOR_VERSION}" / "meta.json").read_text())
+    assert set(m["test_habits"]) == set(preds["subject"])
+    assert {s for s, h in m["test_habits"].items() if h["contrarian"]} == {
+        s for s in preds["subject"] if meta["habits"][s]["contrarian"]} != set()
     # leaderboard from stored runs only, byte-identical when rebuilt
     md, csv = results / "synth" / "leaderboard.md", results / "synth" / "leaderboard.csv"
     first_md, first_csv = md.read_bytes(), csv.read_bytes()

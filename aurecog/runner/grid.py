@@ -22,6 +22,7 @@ from pathlib import Path
 from aurecog import config as C
 from aurecog.config import REPO_ROOT
 from aurecog.data.protocols import num_folds
+from aurecog.data.synth import GENERATOR_VERSION
 from aurecog.runner.cell import FINISHED, atomic_write_json
 
 DEFAULT_MODELS = "default"
@@ -54,7 +55,9 @@ class Cell:
             done = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        return done.get("profile") == self.config["profile"]
+        # a run of another profile, or on an older SynthAU generator version, is stale and is redone
+        return (done.get("profile") == self.config["profile"]
+                and done.get("synth_version") == self.config.get("synth_version"))
 
 
 def select_models(spec: str) -> list[str]:
@@ -115,14 +118,31 @@ def set_dotted(cfg: dict, assignments: list[str]) -> dict:
     return C.deep_merge(cfg, out)
 
 
+TASKS = ("au", "intensity", "expression")
+
+
+def run_subdir(ds: dict, protocol: str, task: str) -> str | None:
+    """Run folders of a dataset's default protocol and task are ``<model>/<fold>-<seed>``; any other protocol or
+    task gets its own level, ``<model>/<protocol>[-<task>]/<fold>-<seed>``, so its cells never collide with (or
+    are skipped as) the default ones."""
+    default_task = ds.get("task", "au")
+    if protocol == ds.get("default_protocol") and task == default_task:
+        return None
+    return protocol if task == default_task else f"{protocol}-{task}"
+
+
 def expand(dataset: str, models: str = DEFAULT_MODELS, folds: str | None = "all", seeds: str = "0",
            profile: str | None = None, protocol: str | None = None, results: Path | None = None,
-           overrides: list[str] | None = None) -> list[Cell]:
+           overrides: list[str] | None = None, task: str | None = None) -> list[Cell]:
     ds = C.load_dataset(dataset)
     profile = profile or ds.get("default_profile", "paper")
     protocol = protocol or ds.get("default_protocol")
     if protocol not in (ds.get("protocols") or {}):
         raise GridError(f"dataset {dataset!r} has no protocol {protocol!r}; protocols: {', '.join(ds['protocols'])}")
+    task = task or ds.get("task", "au")
+    if task not in TASKS:
+        raise GridError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    sub = run_subdir(ds, protocol, task)
     fold_list = parse_folds(folds, num_folds(ds["protocols"][protocol]))
     seed_list = [int(s) for s in str(seeds).split(",")]
     results = Path(results or REPO_ROOT / "results")
@@ -131,10 +151,16 @@ def expand(dataset: str, models: str = DEFAULT_MODELS, folds: str | None = "all"
         cfg = C.resolve(m, dataset, profile)
         cfg = set_dotted(cfg, overrides or [])
         cfg["protocol"] = protocol
+        cfg["task"] = task
+        if ds.get("source") == "synth":
+            cfg["synth_version"] = GENERATOR_VERSION
         for f in fold_list:
             for s in seed_list:
-                run_dir = results / "runs" / dataset / m / f"{f}-{s}"
+                base = results / "runs" / dataset / m
                 logs = results.parent / "logs" / dataset / m  # next to the results folder, git-ignored
+                if sub:
+                    base, logs = base / sub, logs / sub
+                run_dir = base / f"{f}-{s}"
                 cells.append(Cell(m, dataset, f, s, cfg, run_dir, logs / f"{f}-{s}.log", logs / f"{f}-{s}.status"))
     return cells
 
