@@ -231,25 +231,34 @@ def test_all_au_training_pass_equals_single_au_passes():
 
 
 def test_training_step_random_and_all_strategies_and_masking():
+    """Eq. 6 for the conditioned AU(s), unknown labels masked; ``loss.pos_weight: balanced`` (the quick profile)
+    weighs AU c's positives by its training negatives/positives."""
     torch.manual_seed(0)
+    stats = _stats(len(AUS))
+    pos_w = torch.tensor(stats.n_neg, dtype=torch.float32) / torch.tensor(stats.n_pos, dtype=torch.float32)
     for strategy in ("random", "all"):
-        m = _model(extra={"renet": {"strategy": strategy}}).train()
-        y = (torch.rand(8, len(AUS)) < 0.5).float()
-        y[0, :] = -1
-        batch = {"image": torch.randn(8, 3, 16, 16), "target": y}
-        out = m(batch)
-        loss, _ = m.compute_loss(out, batch)
-        assert torch.isfinite(loss) and loss > 0
-        loss.backward()
-        gw = [mod.weight.grad for mod in m.modules() if isinstance(mod, AUConditionalBatchNorm2d)]
-        assert all(g is not None for g in gw)
-        if strategy == "random":
-            c = out["cond"]
-            ref = nn.functional.binary_cross_entropy_with_logits(out["logits"][1:, 0], y[1:, c])
-            torch.testing.assert_close(loss, ref)
-        else:  # Eq. 6 summed over AUs, each averaged over its known labels
-            z = out["logits"][:, :, 0]
-            ref = sum(nn.functional.binary_cross_entropy_with_logits(z[1:, c], y[1:, c]) for c in range(len(AUS)))
+        for weighting in (None, "balanced"):
+            m = _model(extra={"renet": {"strategy": strategy}, "loss": {"pos_weight": weighting}}, stats=stats).train()
+            y = (torch.rand(8, len(AUS)) < 0.5).float()
+            y[0, :] = -1
+            batch = {"image": torch.randn(8, 3, 16, 16), "target": y}
+            out = m(batch)
+            loss, _ = m.compute_loss(out, batch)
+            assert torch.isfinite(loss) and loss > 0
+            loss.backward()
+            gw = [mod.weight.grad for mod in m.modules() if isinstance(mod, AUConditionalBatchNorm2d)]
+            assert all(g is not None for g in gw)
+
+            def bce(z, t, c, weighting=weighting):
+                pw = None if weighting is None else pos_w[c]
+                return nn.functional.binary_cross_entropy_with_logits(z, t, pos_weight=pw)
+
+            if strategy == "random":
+                c = out["cond"]
+                ref = bce(out["logits"][1:, 0], y[1:, c], c)
+            else:  # Eq. 6 summed over AUs, each averaged over its known labels
+                z = out["logits"][:, :, 0]
+                ref = sum(bce(z[1:, c], y[1:, c], c) for c in range(len(AUS)))
             torch.testing.assert_close(loss, ref)
 
 

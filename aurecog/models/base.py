@@ -65,18 +65,23 @@ class AUModel(L.LightningModule):
         raise NotImplementedError
 
     def compute_loss(self, out: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """Default: the task's plain loss (masked BCE / CE). Models override with their paper's loss.
+        """Default: the task's loss (:meth:`supervised_loss`). Models override with their paper's loss."""
+        return self.supervised_loss(out["logits"], batch["target"]), {}
 
-        ``loss.pos_weight: balanced`` weighs each AU's positives by its training negatives/positives ratio
-        (the usual imbalance-aware BCE; AC2D Eq. 14's v_j without the per-AU weights w_j).
-        """
-        kwargs = {}
-        if self.task.kind == "au" and self.cfg.get("loss", {}).get("pos_weight") == "balanced":
-            n_pos = torch.as_tensor(self.stats.n_pos, dtype=out["logits"].dtype, device=out["logits"].device)
-            n_neg = torch.as_tensor(self.stats.n_neg, dtype=n_pos.dtype, device=n_pos.device)
-            kwargs["pos_coef"] = n_neg / n_pos.clamp_min(1)
-        loss = task_loss(self.task.kind, out["logits"], batch["target"], **kwargs)
-        return loss, {}
+    def supervised_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The task's plain loss (masked BCE / CE), positives weighted by :meth:`balanced_pos_weight` for AU tasks."""
+        pos = self.balanced_pos_weight(logits)
+        return task_loss(self.task.kind, logits, target, **({} if pos is None else {"pos_coef": pos}))
+
+    def balanced_pos_weight(self, like: Tensor) -> Tensor | None:
+        """Per-AU positive weights (C,) of ``loss.pos_weight: balanced``: each AU's training negatives/positives
+        ratio (the usual imbalance-aware BCE; AC2D Eq. 14's v_j without the per-AU weights w_j). None when the
+        option is off or the task is not AU occurrence."""
+        if self.task.kind != "au" or self.cfg.get("loss", {}).get("pos_weight") != "balanced":
+            return None
+        n_pos = torch.as_tensor(self.stats.n_pos, dtype=like.dtype, device=like.device)
+        n_neg = torch.as_tensor(self.stats.n_neg, dtype=like.dtype, device=like.device)
+        return n_neg / n_pos.clamp_min(1)
 
     def scores(self, out: dict) -> Tensor:
         """Probabilities (au), expected intensities (intensity) or class probabilities (expression)."""

@@ -82,7 +82,7 @@ from torch import Tensor, nn
 from aurecog.models.backbones import create_backbone
 from aurecog.models.base import AUModel
 from aurecog.models.causal import FeatureBank, PrototypeAttention
-from aurecog.models.losses import task_loss, weighted_bce
+from aurecog.models.losses import weighted_bce
 from aurecog.models.registry import register_family
 
 MODES = ("iern", "disentangle", "nwgm", "resample")
@@ -384,7 +384,7 @@ class IERN(AUModel):
 
     # ------------------------------------------------------------------ losses
     def _dis_target_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        return task_loss(self.task.kind, self._shape(logits), target)
+        return self.supervised_loss(self._shape(logits), target)
 
     def _conf_ce(self, logits: Tensor, conf: Tensor) -> Tensor:
         if (conf >= 0).sum() == 0:
@@ -401,7 +401,7 @@ class IERN(AUModel):
         if self.mode == "nwgm" and self.training:
             self.bank.update(out["feature"].mean((2, 3)), batch["confounder"])
         if self.mode != "resample":
-            return task_loss(self.task.kind, logits, target), {}
+            return self.supervised_loss(logits, target), {}
         return self.resample_loss(logits, target, batch["confounder"]), {}
 
     def resample_loss(self, logits: Tensor, target: Tensor, conf: Tensor) -> Tensor:
@@ -599,7 +599,7 @@ class IERN(AUModel):
             with frozen_bn_stats(self.g_e):
                 emo = self.g_e(base)
             logits = self._shape(self.head_logits(base, emo))
-            loss = self.lambda_3 * task_loss(self.task.kind, logits, batch["target"])
+            loss = self.lambda_3 * self.supervised_loss(logits, batch["target"])
             self._backward_step(opt, loss)
         return loss.detach(), logits.detach()
 

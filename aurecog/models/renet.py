@@ -464,16 +464,17 @@ class RENet(AUModel):
         if mode is None:  # an eval-style output (B x C logits)
             return super().compute_loss(out, batch)
         y, z, kind = out["target"], out["logits"], self.task.kind
+        pos = self.balanced_pos_weight(z)  # loss.pos_weight: balanced (None: the paper's plain Eq. 6)
         if mode == "plain":
             if kind == "au":
-                return _per_label_bce(z, y).sum(), {}
+                return _per_label_bce(z, y, pos).sum(), {}
             return masked_cross_entropy(z, y), {}
         if mode == "random":
             c = out["cond"]
             if kind == "intensity":
                 return masked_cross_entropy(z, y[:, c]), {}
             t = self._binary_target(y, c).reshape(-1, 1)
-            return weighted_bce(z.reshape(-1, 1), t), {}
+            return weighted_bce(z.reshape(-1, 1), t, pos_coef=None if pos is None else pos[c]), {}
         cond = out["cond"]
         if kind == "intensity":  # per-AU 6-level CE, summed over AUs
             yt = y[:, cond].long()
@@ -484,12 +485,12 @@ class RENet(AUModel):
         zl = z.squeeze(-1)  # B, k
         if kind == "expression" and self.expression_loss == "softmax":
             return masked_cross_entropy(zl, y), {}
-        return _per_label_bce(zl, self._binary_target(y, cond)).sum(), {}
+        return _per_label_bce(zl, self._binary_target(y, cond), None if pos is None else pos[cond]).sum(), {}
 
 
-def _per_label_bce(logits: Tensor, target: Tensor) -> Tensor:
-    """Masked BCE averaged over the known samples of each label -> (C,)."""
+def _per_label_bce(logits: Tensor, target: Tensor, pos_coef: Tensor | None = None) -> Tensor:
+    """Masked BCE averaged over the known samples of each label -> (C,); positives weighted by ``pos_coef``."""
     known = (target >= 0).to(logits.dtype)
     t = target.clamp_min(0).to(logits.dtype)
-    loss = F.binary_cross_entropy_with_logits(logits, t, reduction="none") * known
+    loss = F.binary_cross_entropy_with_logits(logits, t, reduction="none", pos_weight=pos_coef) * known
     return loss.sum(0) / known.sum(0).clamp_min(1)
