@@ -267,10 +267,16 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
         "epochs_run": trainer.current_epoch, "wall_time_s": round(time.time() - t0, 1),
         "train_subjects": dm.stats.subjects,
     }
+    if cfg.get("synth_version") is not None:
+        metrics["synth_version"] = cfg["synth_version"]
     atomic_write_json(run_dir / "config.json", cfg)
     atomic_write_df(run_dir / "history.csv", pd.DataFrame(history.rows))
     preds = predictions_frame(dm, res["predictions"], dm.task_spec.names, kind)
     atomic_write_df(run_dir / "predictions.parquet", preds)
+    habits = dm.split_sources["test"].meta.get("habits")
+    if habits:  # SynthAU ground truth: the habit group of each test subject (leaderboard bias breakdown)
+        metrics["test_habits"] = {s: {"group": habits[s]["group_name"], "contrarian": bool(habits[s]["contrarian"])}
+                                  for s in sorted(preds["subject"].astype(str).unique()) if s in habits}
     env = environment()
     env.update({"argv": sys.argv, "world_size": trainer.world_size, "wall_time_s": metrics["wall_time_s"]})
     atomic_write_json(run_dir / "environment.json", env)

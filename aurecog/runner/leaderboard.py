@@ -35,7 +35,8 @@ SECONDARY = {"intensity": ["mae"]}
 def load_runs(results: Path, dataset: str) -> list[dict]:
     runs = []
     base = results / "runs" / dataset
-    for mfile in sorted(base.glob("*/*/metrics.json")):
+    # <model>/<fold>-<seed>/ (default protocol and task) and <model>/<protocol>[-<task>]/<fold>-<seed>/
+    for mfile in sorted([*base.glob("*/*/metrics.json"), *base.glob("*/*/*/metrics.json")]):
         m = json.loads(mfile.read_text())
         m["_dir"] = mfile.parent
         runs.append(m)
@@ -93,6 +94,45 @@ def aggregate(runs: list[dict]) -> pd.DataFrame:
         row["pcc_similarity"] = float(np.mean(pcc)) if pcc else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _f1_mean(df: pd.DataFrame, labels: list[str]) -> float:
+    """Mean over labels of frame-based F1 (threshold 0.5, unknown targets excluded); labels without any
+    positive target or prediction in ``df`` are left out (F1 undefined)."""
+    vals = []
+    for n in labels:
+        t, p = df[f"target_{n}"].to_numpy(), df[f"score_{n}"].to_numpy() >= 0.5
+        known = t >= 0
+        pos = t[known] > 0.5
+        tp = float((pos & p[known]).sum())
+        den = 2 * tp + float((~pos & p[known]).sum()) + float((pos & ~p[known]).sum())
+        if den > 0:
+            vals.append(2 * tp / den)
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def habit_breakdown(runs: list[dict]) -> pd.DataFrame:
+    """SynthAU subject-bias analysis (AU tasks): mean F1 on the test subjects whose habits some training
+    subject shares ('common') and on the contrarian subjects whose habits contradict those of the same-looking
+    training subjects, per fold, then mean over folds and seeds. Needs ``test_habits`` in metrics.json."""
+    rows = []
+    for r in runs:
+        if r["task"] != "au" or not r.get("test_habits"):
+            continue
+        preds = pd.read_parquet(r["_dir"] / "predictions.parquet")
+        contrarian = {s for s, h in r["test_habits"].items() if h["contrarian"]}
+        is_c = preds["subject"].astype(str).isin(contrarian).to_numpy()
+        rows.append({"model": r["model"], "group": r["group"], "family": r["family"], "seed": r["seed"],
+                     "fold": r["fold"], "common": _f1_mean(preds[~is_c], r["labels"]),
+                     "contrarian": _f1_mean(preds[is_c], r["labels"]) if is_c.any() else float("nan")})
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    per_seed = df.groupby(["family", "group", "model", "seed"])[["common", "contrarian"]].mean().reset_index()
+    out = per_seed.groupby(["family", "group", "model"])[["common", "contrarian"]].mean().reset_index()
+    out["drop"] = out["common"] - out["contrarian"]
+    out["runs"] = df.groupby(["family", "group", "model"]).size().to_numpy()
+    return out
 
 
 def load_reported(results: Path, reported_dataset: str | None) -> pd.DataFrame:
@@ -175,6 +215,18 @@ def render(dataset: str, results: Path | None = None, plots: bool = True) -> tup
                 cells += ["" if "mean" not in piv.columns or pd.isna(pr["mean"]) else f"{float(pr['mean']):.1f}", ""]
                 cells += [""] * (len(header) - len(cells) - 2) + [str(pr["protocol"]), "reported"]
                 lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    habits = habit_breakdown(runs) if synthetic else pd.DataFrame()
+    if not habits.empty:
+        lines += ["## Subject bias (SynthAU ground-truth habits)", "",
+                  "Mean F1 x 100 on test subjects whose expression habits training subjects share (*common*) and on "
+                  "the *contrarian* subjects, whose habits contradict those of the same-looking training subjects "
+                  "(e.g. smiles without AU6). A model that leans on training-subject co-occurrence loses F1 on "
+                  "the contrarians: compare the drop across models.", "",
+                  "| model | group | F1 common | F1 contrarian | drop | runs |", "|---|---|---|---|---|---|"]
+        for _, h in habits.sort_values(["family", "group", "model"]).iterrows():
+            lines.append(f"| {h['model']} | {h['group']} | {_fmt(h['common'])} | {_fmt(h['contrarian'])} | "
+                         f"{_fmt(h['drop'])} | {h['runs']} |")
         lines.append("")
     if plots:
         pngs = write_plots(dataset, runs, agg, out_dir)
