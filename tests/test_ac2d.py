@@ -415,3 +415,58 @@ def test_render_attention_png(fake_root, tmp_path):
     png = main(["--run-dir", str(run_dir), "--ckpt-root", str(tmp_path / "checkpoints"), "--out",
                 str(tmp_path / "cli.png"), "--n", "2", "--data-root", str(fake_root)])
     assert png.exists() and png.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- DISFA from BP4D (paper 4.1.3)
+DISFA8 = ["AU1", "AU2", "AU4", "AU6", "AU9", "AU12", "AU25", "AU26"]
+
+
+@pytest.mark.parametrize("variant", ["ac2d", "ac2d-av-csd"])
+def test_init_from_a_model_with_another_au_set_maps_branches_by_au_name(variant):
+    """A DISFA model initialised from a BP4D model predicts exactly what the BP4D model predicts for the AUs they
+    share (the shared trunk is copied, each shared AU's branch, head, causal module and prototype follow its
+    name), and the DISFA-only AUs keep their own initialisation."""
+    from aurecog.models.transfer import TransferError, transfer_state
+
+    src = tiny_model(variant)
+    with torch.no_grad():  # distinct weights per branch and a trained-looking prototype
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        src.prototype.copy_(torch.randn_like(src.prototype))
+        src.prototype_ready.fill_(True)
+    torch.manual_seed(1)
+    dst = build_model(tiny_cfg(variant), TaskSpec("au", DISFA8), toy_stats(len(DISFA8)))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    report = transfer_state(dst, src.state_dict(), BP4D_AUS)
+    assert report["labels"] == ["AU1", "AU2", "AU4", "AU6", "AU12"]
+    src.eval()
+    dst.eval()
+    x = random_batch(m=12)
+    with torch.no_grad():
+        ys, yd = src(x)["logits"], dst(x)["logits"]
+    for name in report["labels"]:
+        torch.testing.assert_close(yd[:, DISFA8.index(name)], ys[:, BP4D_AUS.index(name)])
+    j = DISFA8.index("AU25")  # no AU25 in BP4D: its head row is untouched
+    torch.testing.assert_close(dst.head.weight[j], before["head.weight"][j])
+    assert not torch.equal(dst.head.weight[0], before["head.weight"][0])
+    with pytest.raises(TransferError, match="no label in common"):
+        transfer_state(dst, src.state_dict(), [f"X{i}" for i in range(12)])
+
+
+def test_runner_init_option_reads_labels_from_the_checkpoint(tmp_path):
+    """``init.from_dataset`` loads <checkpoints>/<dataset>/<model>/<fold>-<seed>/best.ckpt (labels from its
+    hyperparameters); a missing checkpoint names the file and the command that makes it."""
+    from aurecog.runner.cell import initialise
+
+    src = tiny_model()
+    ck = tmp_path / "bp4d" / "ac2d" / "1-0" / "best.ckpt"
+    ck.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": {"task": src.task.to_dict()}, "state_dict": src.state_dict()}, ck)
+    dst = build_model(tiny_cfg(), TaskSpec("au", DISFA8), toy_stats(len(DISFA8)))
+    cfg = {"model": {"name": "ac2d"}, "init": {"from_dataset": "bp4d"}}
+    rep = initialise(dst, cfg, tmp_path, fold=1, seed=0)
+    assert rep["labels"] == ["AU1", "AU2", "AU4", "AU6", "AU12"] and rep["mapped"] > 0 and rep["copied"] > 0
+    torch.testing.assert_close(dst.head.weight[DISFA8.index("AU12")], src.head.weight[BP4D_AUS.index("AU12")])
+    with pytest.raises(FileNotFoundError, match=r"2-0/best.ckpt does not exist.*make bench DATASET=bp4d"):
+        initialise(dst, cfg, tmp_path, fold=2, seed=0)
+    assert initialise(dst, {"model": {"name": "ac2d"}}, tmp_path, 0, 0) is None

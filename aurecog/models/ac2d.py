@@ -488,6 +488,18 @@ ATTENTION_MODES = ("none", "avg", "each")
 class AC2D(AUModel):
     """AC²D and its Table 7/8 variants (``ac2d.attention.mode`` x ``ac2d.causal.mode``)."""
 
+    #: per-AU parameters, for initialising from a model trained on another AU set (DISFA from BP4D, paper
+    #: 4.1.3; :mod:`aurecog.models.transfer`): the AU branches (stage-3 patch embedding, stage 3, norm) and the
+    #: heads are label-major along dim 0 (so are the prototypes of the per-branch causal modes, see
+    #: :attr:`LABEL_BLOCK_PREFIXES`); the per-branch causal modules are a list by AU.
+    BRANCH_PREFIXES = ("net.patch3.", "net.stage3.", "net.norm.", "head.")
+    LABEL_LIST_PREFIXES = ("causal",)
+
+    @property
+    def LABEL_BLOCK_PREFIXES(self) -> tuple[str, ...]:  # noqa: N802 - the attribute name transfer.py reads
+        per_branch = getattr(self, "causal_mode", "").startswith("branch")
+        return self.BRANCH_PREFIXES + (("prototype",) if per_branch else ())
+
     def __init__(self, task, stats, cfg):
         super().__init__(task, stats, cfg)
         a = cfg.get("ac2d", {})

@@ -19,6 +19,7 @@ process, and Lightning's DDP launcher can re-execute the same command for ranks 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -32,6 +33,8 @@ import numpy as np
 import pandas as pd
 
 from aurecog.config import REPO_ROOT
+
+log = logging.getLogger(__name__)
 
 FINISHED = "metrics.json"
 
@@ -205,6 +208,32 @@ def predictions_frame(dm, preds: dict, names: list[str], kind: str) -> pd.DataFr
     return out.sort_values(["sample"]).reset_index(drop=True)
 
 
+def checkpoint_subpath(run_dir: Path, cfg: dict, fold: int, seed: int) -> Path:
+    """``<dataset>/<model>[/<protocol>[-<task>]]/<fold>-<seed>``: the run folder's path below ``runs/``, so cells
+    of other protocols or tasks never share a checkpoint folder."""
+    parts = Path(run_dir).parts
+    if "runs" in parts:
+        return Path(*parts[len(parts) - 1 - parts[::-1].index("runs") + 1:])
+    return Path(cfg["dataset"], cfg["model"]["name"], f"{fold}-{seed}")
+
+
+def initialise(model, cfg: dict, ckpt_root: Path, fold: int, seed: int) -> dict | None:
+    """``init.checkpoint: PATH`` or ``init.from_dataset: NAME`` (the same model, fold and seed trained on NAME,
+    e.g. AC²D's DISFA model from BP4D, paper 4.1.3): load it with per-label parameters mapped by label name."""
+    init = cfg.get("init") or {}
+    if not (init.get("checkpoint") or init.get("from_dataset")):
+        return None
+    from aurecog.models.transfer import init_from_checkpoint
+
+    path = Path(init.get("checkpoint") or ckpt_root / init["from_dataset"] / cfg["model"]["name"]
+                / f"{fold}-{seed}" / "best.ckpt")
+    rep = init_from_checkpoint(model, path)
+    log.info("initialised from %s: %d shared tensors copied, %d per-label tensors mapped for %s, %d kept", path,
+             len(rep["copied"]), len(rep["mapped"]), rep["labels"], len(rep["kept"]))
+    return {"checkpoint": str(path), "labels": rep["labels"], "copied": len(rep["copied"]),
+            "mapped": len(rep["mapped"]), "kept": len(rep["kept"])}
+
+
 def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | None = None,
              wandb_mode: str = "offline", ckpt_root: Path | None = None, progress: bool = True,
              status_path: str | None = None) -> dict | None:
@@ -223,7 +252,8 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     dm.setup("fit")
     model = build_model(cfg, dm.task_spec, dm.stats)
     ckpt_root = Path(ckpt_root or os.environ.get("AURECOG_CHECKPOINTS") or REPO_ROOT / "checkpoints")
-    ckpt_dir = ckpt_root / cfg["dataset"] / cfg["model"]["name"] / f"{fold}-{seed}"
+    ckpt_dir = ckpt_root / checkpoint_subpath(run_dir, cfg, fold, seed)
+    init_report = initialise(model, cfg, ckpt_root, fold, seed)
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # an interrupted earlier attempt
     has_val = len(dm.split_rows["val"]) > 0
@@ -269,12 +299,16 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     }
     if cfg.get("synth_version") is not None:
         metrics["synth_version"] = cfg["synth_version"]
+    if init_report:
+        metrics["init"] = init_report
     atomic_write_json(run_dir / "config.json", cfg)
     atomic_write_df(run_dir / "history.csv", pd.DataFrame(history.rows))
     preds = predictions_frame(dm, res["predictions"], dm.task_spec.names, kind)
     atomic_write_df(run_dir / "predictions.parquet", preds)
     habits = dm.split_sources["test"].meta.get("habits")
-    if habits:  # SynthAU ground truth: the habit group of each test subject (leaderboard bias breakdown)
+    # SynthAU ground truth: the habit group of each test subject (leaderboard bias breakdown). Contrarian groups
+    # are placed for the subject k-fold split (one per fold); other protocols train on them, so no breakdown there.
+    if habits and dm.protocol["type"] == "subject_kfold":
         metrics["test_habits"] = {s: {"group": habits[s]["group_name"], "contrarian": bool(habits[s]["contrarian"])}
                                   for s in sorted(preds["subject"].astype(str).unique()) if s in habits}
     env = environment()
