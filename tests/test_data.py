@@ -144,6 +144,27 @@ def test_horizontal_flip_swaps_left_and_right_landmarks():
     assert (bright[1].item(), bright[0].item()) == (size - 1 - 8, 12)
 
 
+def test_affine_and_blur_move_landmarks_with_the_image():
+    """IERN's recipe adds a random affine (and blur): the landmark of a bright blob still sits on the blob."""
+    size = 64
+    img = np.zeros((size, size, 3), np.uint8)
+    lm = np.tile(np.array([[32.0, 32.0]], np.float32), (68, 1))
+    lm[30] = (20, 40)
+    img[38:43, 18:23] = 255  # a 5x5 blob centred on landmark 30 (pixel centres 18..22, 38..42)
+    t = FaceTransform(train=True, crop=size, flip_p=0.0, jitter_p=0.0, blur={"p": 1.0, "sigma": [0.5, 1.0]},
+                      affine={"p": 1.0, "rotate": 10, "translate": 0.1, "scale": [0.8, 1.2], "shear": 8})
+    moved = 0
+    for _ in range(5):
+        x, out, _ = t(img, lm)
+        v = x[0].numpy()
+        yy, xx = np.mgrid[0:size, 0:size]
+        w = np.clip(v + 1, 0, None)  # normalised [-1, 1] -> weights
+        cx, cy = (w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()
+        np.testing.assert_allclose(out[30].numpy(), [cx, cy], atol=0.75)
+        moved += np.abs(out[30].numpy() - lm[30]).max() > 1.0
+    assert moved >= 3  # the affine really moved things
+
+
 def test_to_intraface49_selection():
     lm = np.arange(68 * 2, dtype=np.float32).reshape(68, 2)
     out = to_intraface49(lm, "ibug68")

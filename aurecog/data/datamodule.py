@@ -277,7 +277,8 @@ class AUDataModule(L.LightningDataModule):
         return FaceTransform(train and a.get("enabled", True), crop=self.input_size, resize=self.resize,
                              layout=self.landmark_layout, mean=self.mean, std=self.std,
                              flip_p=a.get("flip_p", 0.5), brightness=a.get("brightness", 0.2),
-                             contrast=a.get("contrast", 0.2), jitter_p=a.get("jitter_p", 0.5))
+                             contrast=a.get("contrast", 0.2), jitter_p=a.get("jitter_p", 0.5),
+                             affine=a.get("affine"), blur=a.get("blur"))
 
     def dataset(self, split: str) -> FaceDataset:
         self.setup()

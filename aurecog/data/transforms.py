@@ -1,7 +1,7 @@
 """Image + landmark augmentation with albumentations (2.0.8, MIT).
 
-Train: resize -> random crop -> horizontal flip (p) -> brightness/contrast jitter.
-Eval: resize -> centre crop. Landmarks move with the image; on a flip their left/right rows are swapped with
+Train: resize -> random crop -> [affine] -> [Gaussian blur] -> brightness/contrast jitter -> horizontal flip (p).
+Eval: resize -> centre crop. The affine and blur steps are off unless configured (IERN's paper recipe uses both). Landmarks move with the image; on a flip their left/right rows are swapped with
 the layout's permutation, because albumentations mirrors keypoint coordinates but keeps their order.
 """
 
@@ -25,10 +25,19 @@ class FaceTransform:
 
     def __init__(self, train: bool, crop: int, resize: int | None = None, layout: str = "ibug68",
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), flip_p: float = 0.5,
-                 brightness: float = 0.2, contrast: float = 0.2, jitter_p: float = 0.5):
+                 brightness: float = 0.2, contrast: float = 0.2, jitter_p: float = 0.5,
+                 affine: dict | None = None, blur: dict | None = None):
+        """``affine``: {p, rotate (deg), translate (fraction), scale [lo, hi], shear (deg)}; ``blur``: {p, sigma
+        [lo, hi]} (Gaussian, pixels). Both train-only, off when None or p = 0."""
         self.train, self.crop, self.flip_p = train, crop, flip_p if train else 0.0
         ops: list = [A.Resize(resize, resize)] if resize else []
         ops.append(A.RandomCrop(crop, crop) if train else A.CenterCrop(crop, crop))
+        if train and affine and affine.get("p", 0) > 0:
+            r, t, sh = float(affine.get("rotate", 0)), float(affine.get("translate", 0)), float(affine.get("shear", 0))
+            ops.append(A.Affine(rotate=(-r, r), translate_percent=(-t, t), scale=tuple(affine.get("scale", (1, 1))),
+                                shear=(-sh, sh), fill=0, p=float(affine["p"])))
+        if train and blur and blur.get("p", 0) > 0:
+            ops.append(A.GaussianBlur(sigma_limit=tuple(blur.get("sigma", (0.1, 1.5))), p=float(blur["p"])))
         if train and jitter_p > 0:
             ops.append(A.RandomBrightnessContrast(brightness_limit=brightness, contrast_limit=contrast, p=jitter_p))
         self.pipeline = A.Compose(ops, keypoint_params=A.KeypointParams(**_KP))
