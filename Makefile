@@ -24,7 +24,10 @@ BENCH_ARGS := --dataset $(DATASET) --models $(MODELS) --folds $(FOLDS) --seeds $
 	--launcher $(LAUNCHER) $(if $(PROFILE),--profile $(PROFILE)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(TASK),--task $(TASK)) \
 	$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
 
-.PHONY: bench test leaderboard perf prepare synth lint env clean-cache
+SYNTH_PRESETS := synth-bp4d synth-disfa synth-gft synth-bp4dplus synth-affwild2 synth-fermix
+PRESET_ARGS = --models $(MODELS) --folds $(FOLDS) --seeds $(SEEDS) --jobs $(JOBS) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
+
+.PHONY: bench presets test leaderboard perf prepare synth lint env clean-cache
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +39,17 @@ env: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m aurecog.cli bench $(BENCH_ARGS)
+
+# every other SynthAU preset through the runner: each default protocol, plus DISFA-style intensity, the fermix
+# bias90 split and the BP4D -> BP4D+ cross-dataset protocol (e.g. `make presets FOLDS=0`)
+presets: $(STAMP)
+	rc=0; \
+	for d in $(SYNTH_PRESETS); do $(PY) -m aurecog.cli bench --dataset $$d $(PRESET_ARGS) || rc=1; done; \
+	$(PY) -m aurecog.cli bench --dataset synth-disfa --task intensity $(PRESET_ARGS) || rc=1; \
+	$(PY) -m aurecog.cli bench --dataset synth-fermix --protocol bias90 $(PRESET_ARGS) || rc=1; \
+	$(PY) -m aurecog.cli bench --dataset synth-bp4d --protocol to_bp4dplus --models $(MODELS) --seeds $(SEEDS) \
+		--jobs $(JOBS) $(if $(WANDB),--wandb $(WANDB)) $(ARGS) || rc=1; \
+	exit $$rc
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
