@@ -76,6 +76,26 @@ def _time(fn, repeats: int, device: torch.device) -> float:
     return float(np.median(times))
 
 
+def _analyse(fn) -> dict:
+    """FLOPs of one call (torch's FlopCounterMode) and the share of CPU time spent in convolutions
+    (torch.profiler, self time of the conv kernels over the total)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:4]
+    return {"gflop": counter.get_total_flops() / 1e9, "conv_share": conv / max(total, 1),
+            "top": ", ".join(f"{e.key} {100 * e.self_cpu_time_total / max(total, 1):.0f}%" for e in top)}
+
+
 def _command() -> str:
     prog = Path(sys.argv[0]).resolve()
     prog_s = prog.relative_to(REPO).as_posix() if REPO in prog.parents else sys.argv[0]
@@ -93,7 +113,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    rows = []
+    rows, profiles = [], []
     for spec in args.sizes:
         profile, size, batch = spec.split(":")
         size, batch = int(size), int(batch)
@@ -104,6 +124,11 @@ def main(argv=None) -> int:
         t_loop = _time(lambda: renet.predict_loop(x), args.repeats, device)  # noqa: B023
         t_batched = _time(lambda: renet.predict_batched(x), args.repeats, device)  # noqa: B023
         t_base = _time(lambda: base({"image": x}), args.repeats, device)  # noqa: B023
+        if device.type == "cpu":
+            for name, fn in (("per-AU loop", lambda: renet.predict_loop(x)),  # noqa: B023
+                             ("batched B*C pass", lambda: renet.predict_batched(x))):  # noqa: B023
+                profiles.append({"model": f"{profile} ResNet-18", "input": size, "batch": batch, "method": name,
+                                 **_analyse(fn)})
         for name, t in (("per-AU loop (paper)", t_loop), ("batched B*C pass", t_batched),
                         ("ResNet-18 baseline (no conditioning)", t_base)):
             rows.append({"model": f"{profile} ResNet-18", "input": size, "batch": batch, "method": name,
@@ -136,6 +161,25 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {r['method']} | {r['img_s']:.1f} | "
                      f"{r['ms_img']:.2f} | {r['speedup']:.2f}x | {r['diff']:.1e} |")
+    if profiles:
+        lines += [
+            "",
+            "## Where the time goes (CPU profile)",
+            "",
+            "Only the stem convolution, which runs before the first conditional BN, is shared by the AUs in the "
+            "batched pass; from that BN on, every (sample, AU) pair needs its own pass in both forms. The FLOP "
+            "counts show the saving (large at the narrow quick width, where the full-resolution stem is a big "
+            "share, small at paper width); the rest is the same arithmetic, on a CPU that is compute-bound, so "
+            "batching itself gains little beyond per-call overhead. On a GPU it turns C small launches per layer "
+            "into one large one. FLOPs from "
+            "torch's FlopCounterMode, time shares from torch.profiler (self CPU time):",
+            "",
+            "| model | input | batch | method | GFLOP per batch | time in convolutions | top ops (self time) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in profiles:
+            lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {r['method']} | {r['gflop']:.2f} | "
+                         f"{100 * r['conv_share']:.0f}% | {r['top']} |")
     lines += [
         "",
         f"- command: `python {_command()}`",
