@@ -171,8 +171,8 @@ def main(argv=None) -> int:
             "counts show the saving (large at the narrow quick width, where the full-resolution stem is a big "
             "share, small at paper width); the rest is the same arithmetic, on a CPU that is compute-bound, so "
             "batching itself gains little beyond per-call overhead. On a GPU it turns C small launches per layer "
-            "into one large one. FLOPs from "
-            "torch's FlopCounterMode, time shares from torch.profiler (self CPU time):",
+            "into one large one. FLOPs from torch's FlopCounterMode, time shares from torch.profiler (self CPU "
+            "time):",
             "",
             "| model | input | batch | method | GFLOP per batch | time in convolutions | top ops (self time) |",
             "|---|---|---|---|---|---|---|",

@@ -1,8 +1,9 @@
 """Image + landmark augmentation with albumentations (2.0.8, MIT).
 
 Train: resize -> random crop -> [affine] -> [Gaussian blur] -> brightness/contrast jitter -> horizontal flip (p).
-Eval: resize -> centre crop. The affine and blur steps are off unless configured (IERN's paper recipe uses both). Landmarks move with the image; on a flip their left/right rows are swapped with
-the layout's permutation, because albumentations mirrors keypoint coordinates but keeps their order.
+Eval: resize -> centre crop. The affine and blur steps are off unless configured (IERN's paper recipe uses both).
+Landmarks move with the image; on a flip their left/right rows are swapped with the layout's permutation, because
+albumentations mirrors keypoint coordinates but keeps their order.
 """
 
 from __future__ import annotations

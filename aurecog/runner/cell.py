@@ -212,9 +212,10 @@ def checkpoint_subpath(run_dir: Path, cfg: dict, fold: int, seed: int) -> Path:
     """``<dataset>/<model>[/<protocol>[-<task>]]/<fold>-<seed>``: the run folder's path below ``runs/``, so cells
     of other protocols or tasks never share a checkpoint folder."""
     parts = Path(run_dir).parts
-    if "runs" in parts:
-        return Path(*parts[len(parts) - 1 - parts[::-1].index("runs") + 1:])
-    return Path(cfg["dataset"], cfg["model"]["name"], f"{fold}-{seed}")
+    if "runs" not in parts:
+        return Path(cfg["dataset"], cfg["model"]["name"], f"{fold}-{seed}")
+    last_runs = len(parts) - 1 - parts[::-1].index("runs")
+    return Path(*parts[last_runs + 1:])
 
 
 def initialise(model, cfg: dict, ckpt_root: Path, fold: int, seed: int) -> dict | None:
