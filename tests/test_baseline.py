@@ -6,6 +6,7 @@ from helpers import dataset_config, make_prepared
 
 from aurecog.config import resolve
 from aurecog.data.datamodule import AUDataModule
+from aurecog.models.backbones import create_backbone
 from aurecog.models.registry import build_model
 
 
@@ -37,6 +38,18 @@ def test_quick_profile_uses_narrow_backbone():
     assert cfg["backbone"]["channels"] == [16, 32, 64, 128]
     paper = resolve("baseline", "synth", "paper")
     assert "channels" not in paper["backbone"] and paper["data"]["input_size"] == 224
+
+
+def test_ignored_stem_width_is_refused():
+    """timm's 7x7 ResNet stem is 64 channels whatever ``stem_width`` says; the quick configs used to pass 16."""
+    model, dim = create_backbone("resnet18", channels=[16, 32, 64, 128])
+    assert model.conv1.out_channels == 64 and model.layer1[0].conv1.in_channels == 64 and dim == 128
+    with pytest.raises(ValueError, match="stem_width=16 has no effect"):
+        create_backbone("resnet18", channels=[16, 32, 64, 128], stem_width=16)
+    deep, _ = create_backbone("resnet18", channels=[16, 32, 64, 128], stem_width=16, stem_type="deep")
+    assert deep.conv1[0].out_channels == 16  # a deep stem uses it
+    for name in ("baseline", "cisnet", "iern", "renet"):
+        assert "stem_width" not in resolve(name, "synth", "quick")["backbone"]
 
 
 def test_balanced_pos_weight_loss_matches_hand_computation(tmp_path):

@@ -24,7 +24,7 @@ from aurecog.models.renet import (
 from aurecog.tasks import TaskSpec, TrainStats
 
 AUS = ["AU1", "AU2", "AU4", "AU6", "AU12", "AU23"]
-TINY = {"backbone": {"name": "resnet18", "channels": [8, 8, 8, 8], "stem_width": 8}}
+TINY = {"backbone": {"name": "resnet18", "channels": [8, 8, 8, 8]}}
 
 
 def _corr(c: int, seed: int = 0) -> np.ndarray:
