@@ -217,6 +217,84 @@ def test_batched_evaluation_equals_per_au_loop(kind, shared):
     m.max_expanded = 2 * c  # chunked over samples: same result
     with torch.no_grad():
         torch.testing.assert_close(m.predict_batched(x), batched, atol=1e-5, rtol=1e-4)
+        # the folded path (the default evaluation path without autograd) gives the loop's logits too
+        torch.testing.assert_close(m.predict_folded(x), loop, atol=1e-5, rtol=1e-4)
+
+
+def _flip_stem_signs(m: RENet) -> None:
+    """Negative stem BN scales for half of the channels of every AU (the min-pool branch of the folded stem)."""
+    with torch.no_grad():
+        m.backbone.bn1.weight[:, ::2] *= -1
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet26"])  # BasicBlock, Bottleneck
+def test_folded_evaluation_equals_per_au_loop(backbone):
+    """The folded path (renet_folded.py: shared stem pooled before the per-AU BN + ReLU, BNs folded into the
+    convolutions) reproduces the paper's per-AU passes, with positive and negative stem BN scales, and is what
+    the model evaluates with when autograd is off; with autograd on it takes the batched pass."""
+    m = _model(extra={"backbone": {"name": backbone}}).eval()
+    _flip_stem_signs(m)
+    assert m.fold_unsupported is None and bool((m.backbone.bn1.eval_affine()[0] < 0).any())
+    x = torch.randn(3, 3, 20, 20)
+    with torch.no_grad():
+        loop = m.predict_loop(x)
+        torch.testing.assert_close(m.predict_folded(x), loop, atol=1e-5, rtol=1e-4)
+    calls = []
+    for name in ("predict_folded", "predict_batched"):
+        fn = getattr(m, name)
+        setattr(m, name, lambda x, fn=fn, name=name: calls.append(name) or fn(x))
+    with torch.no_grad():
+        torch.testing.assert_close(m({"image": x})["logits"], loop, atol=1e-5, rtol=1e-4)
+    z = m({"image": x})["logits"]  # autograd on: differentiable batched pass
+    assert calls == ["predict_folded", "predict_batched"] and z.requires_grad
+    torch.testing.assert_close(z.detach(), loop, atol=1e-5, rtol=1e-4)
+
+
+def test_folded_weights_follow_parameter_changes():
+    """The folded weights are cached, and rebuilt when a parameter or buffer changes (optimiser step,
+    load_state_dict, a graph update); train() frees them."""
+    m = _model(variant="renet-learnable").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        first = m.predict_folded(x)
+        cached = m.folded()
+        assert m.folded() is cached and cached.nbytes() > 0
+    m.train()
+    assert m._folded_cache is None
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    batch = {"image": torch.randn(4, 3, 16, 16), "target": (torch.rand(4, len(AUS)) < 0.5).float()}
+    m.strategy = "all"
+    loss, _ = m.compute_loss(m(batch), batch)
+    loss.backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        after = m.predict_folded(x)
+        assert (after - first).abs().max() > 1e-4
+        torch.testing.assert_close(after, m.predict_loop(x), atol=1e-5, rtol=1e-4)
+        other = _model().eval()
+        other.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("graph.")},
+                              strict=False)
+        torch.testing.assert_close(other.predict_folded(x), other.predict_loop(x), atol=1e-5, rtol=1e-4)
+        assert after.abs().max() < 100  # a moderate step: the tolerances below are meaningful
+        m.backbone.layer4[1].bn2.running_mean.add_(1.0)  # in-place buffer change while in eval mode
+        moved = m.predict_folded(x)
+        assert (moved - after).abs().max() > 1e-3
+        torch.testing.assert_close(moved, m.predict_loop(x), atol=1e-5, rtol=1e-4)
+
+
+def test_unsupported_backbone_falls_back_to_batched_pass():
+    """A ResNet with squeeze-excitation cannot be folded: ``auto`` evaluates with the batched pass, an explicit
+    ``eval_path: folded`` is refused at construction."""
+    m = _model(extra={"backbone": {"name": "seresnet18"}}).eval()
+    assert "squeeze-excitation" in m.fold_unsupported
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m({"image": x})["logits"], m.predict_loop(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="eval_path=folded: .*squeeze-excitation"):
+        _model(extra={"backbone": {"name": "seresnet18"}, "renet": {"eval_path": "folded"}})
+    with pytest.raises(ValueError, match="eval_path must be one of"):
+        _model(extra={"renet": {"eval_path": "fast"}})
 
 
 def test_all_au_training_pass_equals_single_au_passes():
