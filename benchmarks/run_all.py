@@ -60,12 +60,13 @@ def fake_batch(b: int, size: int, task: TaskSpec, device="cpu") -> dict:
 N_CONFOUNDERS = {"cisnet": 27, "iern": 3}
 
 
-def build(variant: str, profile: str, size: int | None = None):
+def build(variant: str, profile: str, size: int | None = None, n_conf: int | None = None):
     cfg = C.resolve(variant, "synth", profile)
     size = size or cfg["data"]["input_size"]
     cfg = C.deep_merge(cfg, {"data": {"input_size": size}})
     task = TaskSpec("au", BP4D_AUS)
-    model = build_model(cfg, task, fake_stats(task, N_CONFOUNDERS.get(cfg["model"]["family"], 27)))
+    n_conf = n_conf or N_CONFOUNDERS.get(cfg["model"]["family"], 27)
+    model = build_model(cfg, task, fake_stats(task, n_conf))
     return model, cfg, task, size
 
 
@@ -111,7 +112,9 @@ def header(title: str) -> list[str]:
 
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    return [f"# {title}", "", f"Command: `{' '.join(['python'] + sys.argv)}` (via `make perf`)", "",
+    script = Path(sys.argv[0]).resolve()
+    argv = [script.relative_to(ROOT).as_posix() if ROOT in script.parents else sys.argv[0], *sys.argv[1:]]
+    return [f"# {title}", "", f"Command: `{' '.join(['python'] + argv)}` (via `make perf`)", "",
             f"Machine: {platform.node()} ({dev}); python {platform.python_version()}, torch {torch.__version__}, "
             f"lightning {lightning.__version__}, timm {timm.__version__}; git {rev.strip()}; {date.today()}", ""]
 
