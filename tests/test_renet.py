@@ -283,6 +283,38 @@ def test_folded_weights_follow_parameter_changes():
         torch.testing.assert_close(moved, m.predict_loop(x), atol=1e-5, rtol=1e-4)
 
 
+def test_bf16_autocast_training_and_evaluation():
+    """Under bf16 autocast the conditional BNs normalise in float32 (their statistics and Eq. 5 combination in
+    full precision, as autocast treats nn.BatchNorm2d): both training strategies run, the running statistics stay
+    float32 and close to a float32 step's, and folded weights built under autocast are the float32 ones."""
+    ref = _model().train()
+    m = copy.deepcopy(ref)
+    batch = {"image": torch.randn(6, 3, 16, 16), "target": (torch.rand(6, len(AUS)) < 0.5).float()}
+    for strategy in ("random", "all"):
+        ref.strategy = m.strategy = strategy
+        ref._au_gen = m._au_gen = None
+        torch.manual_seed(1)
+        ref.compute_loss(ref(batch), batch)[0].backward()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(batch)
+            loss, _ = m.compute_loss(out, batch)
+        assert out["logits"].dtype == torch.bfloat16 and torch.isfinite(loss)
+        loss.backward()
+    for a, b in zip(ref.modules(), m.modules()):
+        if isinstance(a, AUConditionalBatchNorm2d):
+            assert b.running_mean.dtype == torch.float32
+            torch.testing.assert_close(b.running_mean, a.running_mean, atol=0.05, rtol=0.05)
+    m.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m({"image": x})["logits"]
+        exact = m.predict_loop(x)
+        torch.testing.assert_close(low.float(), exact, atol=0.1, rtol=0.05)
+        torch.testing.assert_close(m.predict_folded(x), exact, atol=1e-5, rtol=1e-4)  # cache from autocast
+
+
 def test_unsupported_backbone_falls_back_to_batched_pass():
     """A ResNet with squeeze-excitation cannot be folded: ``auto`` evaluates with the batched pass, an explicit
     ``eval_path: folded`` is refused at construction."""

@@ -195,7 +195,8 @@ class AUConditionalBatchNorm2d(nn.Module):
         if a is None:
             return self.weight, self.bias
         a = a.to(self.weight.dtype)
-        return a @ self.weight, a @ self.bias
+        with torch.autocast(self.weight.device.type, enabled=False):  # parameters stay in their own precision
+            return a @ self.weight, a @ self.bias
 
     @torch.no_grad()
     def _update_running(self, which: Tensor, mean: Tensor, var_unbiased: Tensor) -> None:
@@ -208,6 +209,14 @@ class AUConditionalBatchNorm2d(nn.Module):
         self.running_var[which] = (1 - m) * self.running_var[which] + m * var_unbiased.detach()
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # mixed precision: normalise in float32 (statistics, graph combination) as autocast does for
+            # nn.BatchNorm2d, and hand the next layer the input's dtype
+            with torch.autocast(x.device.type, enabled=False):
+                return self._normalise(x.float()).to(x.dtype)
+        return self._normalise(x)
+
+    def _normalise(self, x: Tensor) -> Tensor:
         idx = self.ctx.index
         if idx is None:
             raise RuntimeError("AUConditionalBatchNorm2d needs a condition: run the network through RENet")
@@ -461,9 +470,10 @@ class RENet(AUModel):
         key = self._fold_key()
         if self._folded_cache is None or self._folded_cache[0] != key:
             self._folded_cache = None  # free the old weights before building the new ones
-            self.ctx.weights, self.ctx.stat_mix = self.graph(), self.stat_mix()
+            device = self.backbone.conv1.weight.device.type
             try:
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(device, enabled=False):  # full-precision folded weights
+                    self.ctx.weights, self.ctx.stat_mix = self.graph(), self.stat_mix()
                     self._folded_cache = (key, FoldedResNet(self.backbone))
             finally:
                 self.ctx.clear()
