@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_all import ROOT, build, fake_batch, header, throughput  # noqa: E402
+from run_all import ROOT, build, default_paper_batch, fake_batch, header, throughput  # noqa: E402
 
 #: (family, model with the causal module(s), the same model without them, what the difference is)
 PAIRS = [
@@ -50,7 +50,7 @@ def overhead_rows(batch: int, dev: str, rounds: int = 3) -> list[str]:
     for family, with_, without, _ in PAIRS:
         for prof in ("quick", "paper"):
             built = {v: build(v, prof) for v in (without, with_)}
-            bs = batch if prof == "quick" else max(2, batch // 8)
+            bs = batch if prof == "quick" else default_paper_batch(batch, dev)
             steps = 2 if prof == "paper" else 5
             rates = {v: {"train": [], "infer": []} for v in built}
             for _ in range(rounds):
@@ -77,7 +77,7 @@ def strata_rows(batch: int, dev: str) -> list[str]:
         for n_conf in (3, 27):
             model, cfg, task, size = build("iern", prof, n_conf=n_conf)
             model.to(dev).eval()
-            bs = batch if prof == "quick" else max(2, batch // 8)
+            bs = batch if prof == "quick" else default_paper_batch(batch, dev)
             x = fake_batch(bs, size, task, dev)["image"]
             with torch.inference_mode():
                 emo = model.g_e(model.backbone(x))
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     lines = header("Cost of the causal modules") + [
         f"Device {dev}; fp32; random weights and synthetic inputs; batch {a.batch} at the quick size, "
-        f"{max(2, a.batch // 8)} at the paper size; 12 AUs; CISNet with 27 subject strata, IERN with 3 "
+        f"{default_paper_batch(a.batch, dev)} at the paper size; 12 AUs; CISNet with 27 subject strata, IERN with 3 "
         "(the CK+/MMI/Oulu mix). 'train' = forward + backward of the model's forward pass (not IERN's "
         "alternating discriminator steps). Both models of a pair are measured in alternation, 3 rounds, "
         "median of each. Each pair is the paper's model and its ablation without the causal part:", ""]

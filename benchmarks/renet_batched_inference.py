@@ -7,8 +7,8 @@ This measures every form on the same machine, model and input size, checks each 
 the exact ones on a CPU, and writes a markdown table to ``results/perf/renet_batched_inference.md`` (with the
 command, machine and versions).
 
-    python benchmarks/renet_batched_inference.py                 # CPU defaults (kept short: 112 px at paper width)
-    python benchmarks/renet_batched_inference.py --device cuda --sizes paper:224:100 --repeats 20
+    python benchmarks/renet_batched_inference.py        # CPU: 56 px quick width, 112 px paper width; GPU: 224 px
+    python benchmarks/renet_batched_inference.py --device cpu --sizes paper:224:8 --no-bf16
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from aurecog.tasks import TaskSpec, TrainStats  # noqa: E402
 
 BP4D_AUS = ["AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU14", "AU15", "AU17", "AU23", "AU24"]
 PAPER_MS_PER_IMAGE = 5.4  # Sec. 4.7: 12 AUs, GeForce 2080Ti, per-AU loop
+CPU_SIZES = ["quick:56:64", "paper:112:16"]  # kept short for the 2-core CPU
+GPU_SIZES = ["quick:56:256", "paper:224:100"]  # the paper's input size and batch (Sec. 4.3)
 
 
 def _stats(c: int) -> TrainStats:
@@ -116,15 +118,18 @@ def _command() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["quick:56:64", "paper:112:16"],
-                    help="profile:input_size:batch entries (profile sets the backbone width)")
+    ap.add_argument("--sizes", nargs="+", default=None,
+                    help="profile:input_size:batch entries (profile sets the backbone width); default "
+                         f"{' '.join(CPU_SIZES)} on a CPU, {' '.join(GPU_SIZES)} on a GPU")
     ap.add_argument("--aus", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 3 CPU, 20 GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast rows")
     ap.add_argument("--out", default=str(REPO / "results/perf/renet_batched_inference.md"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    args.sizes = args.sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
+    args.repeats = args.repeats or (20 if device.type == "cuda" else 3)
     torch.manual_seed(0)
     rows, profiles = [], []
     for spec in args.sizes:

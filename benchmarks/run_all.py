@@ -1,10 +1,12 @@
 """`make perf`: model size, training/inference throughput, data path, and the models' batched-vs-loop paths.
 
-Writes markdown tables to results/perf/ with the command, machine and versions. CPU here; on a CUDA machine it
-adds GPU rows (bf16 autocast, channels_last and torch.compile as options) and the fraction of the measured bf16
-matrix-multiply rate each model reaches.
+Writes markdown tables to results/perf/ with the command, machine and versions. Throughput is measured under
+one or more *settings* (``--settings``): ``fp32``; ``bf16`` (autocast); ``bf16-cl`` (+ channels_last);
+``bf16-cl-compile`` (+ torch.compile). The default is all four on a CUDA machine and ``fp32`` on a CPU (the
+others are available there too). Each row reports the FLOP rate the model reaches as a fraction of the
+measured bf16 matrix-multiply rate of the device.
 
-    python benchmarks/run_all.py [--quick-only] [--models a,b] [--out results/perf]
+    python benchmarks/run_all.py [--models a,b] [--settings fp32,bf16] [--no-paper-throughput] [--out results/perf]
 """
 
 from __future__ import annotations
@@ -78,32 +80,92 @@ def count(model, batch) -> tuple[float, float]:
     return params, fc.get_total_flops() / 2  # MACs: one multiply-add = 2 FLOPs in torch's counter
 
 
-def throughput(model, batch, train: bool, steps: int = 5, warmup: int = 2) -> float:
+#: throughput settings: name -> (autocast dtype, channels_last, torch.compile)
+SETTINGS = {"fp32": (None, False, False), "bf16": (torch.bfloat16, False, False),
+            "bf16-cl": (torch.bfloat16, True, False), "bf16-cl-compile": (torch.bfloat16, True, True)}
+DEFAULT_SETTINGS = {"cuda": list(SETTINGS), "cpu": ["fp32"]}
+
+
+def default_paper_batch(batch: int, device: str) -> int:
+    """Batch at the paper input sizes: 64 on a GPU (enough to fill it), batch // 8 on a CPU (keeps it short)."""
+    return 64 if torch.device(device).type == "cuda" else max(2, batch // 8)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, dtype: torch.dtype, n: int | None = None, repeats: int = 10) -> float:
+    """Measured FLOP/s of an n x n matrix product in ``dtype`` (the device's practical peak)."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
+
+
+def _prepare(model, batch: dict, setting: str):
+    """(callable model, batch) under ``setting``; the autocast dtype is applied by :func:`throughput`."""
+    _, channels_last, compiled = SETTINGS[setting]
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        batch = {**batch, "image": batch["image"].contiguous(memory_format=torch.channels_last)}
+    return (torch.compile(model) if compiled else model), batch
+
+
+def throughput(model, batch, train: bool, steps: int = 5, warmup: int = 2, setting: str = "fp32") -> float:
+    """Images/s of forward (+ backward and an SGD step when ``train``) under ``setting``; compilation and
+    warm-up excluded."""
     model.train(train)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6) if train else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-6) if train else None
+    dtype = SETTINGS[setting][0]
+    run, batch = _prepare(model, batch, setting)
+    device = batch["image"].device
     b = batch["image"].shape[0]
 
     def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if train:
+                out = run(batch)
+                loss = out["logits"].float().pow(2).mean()
+            else:
+                with torch.no_grad():
+                    run(batch)
         if train:
-            out = model(batch)
-            loss = out["logits"].float().pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        else:
-            with torch.no_grad():
-                model(batch)
 
     for _ in range(warmup):
         step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync(device)
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync(device)
     return steps * b / (time.perf_counter() - t)
+
+
+def flops_per_image(model, batch, train: bool) -> float:
+    """FLOPs of one image: forward (+ backward when ``train``), counted by torch's FlopCounterMode."""
+    model.train(train)
+    counter = FlopCounterMode(display=False)
+    if train:
+        with counter:
+            model(batch)["logits"].float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad(), counter:
+            model(batch)
+    return counter.get_total_flops() / batch["image"].shape[0]
 
 
 def header(title: str) -> list[str]:
@@ -139,30 +201,47 @@ def model_size(variants: list[str], out: Path) -> None:
     (out / "model_size.md").write_text("\n".join(lines) + "\n")
 
 
-def model_throughput(variants: list[str], out: Path, batch: int, paper_sizes: bool) -> float:
+def model_throughput(variants: list[str], out: Path, batch: int, paper_sizes: bool,
+                     settings: list[str] | None = None, paper_batch: int | None = None) -> float:
+    """Throughput table ``throughput_<device>.md``; returns the fastest quick-profile fp32 (or first setting)
+    training rate, the consumption the data path is compared with."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = settings or DEFAULT_SETTINGS[dev]
+    paper_batch = paper_batch or default_paper_batch(batch, dev)
+    ref_rate, fp32_rate = matmul_rate(dev, torch.bfloat16), matmul_rate(dev, torch.float32)
     lines = header("Training and inference throughput (images/s)") + [
-        f"Device {dev}; batch {batch}; fp32; synthetic inputs (no data loading). 'quick' = the quick profile's "
-        "model and input size, 'paper' = the paper profile's.", "",
-        "| model | profile | input | train img/s | infer img/s |", "|---|---|---|---|---|"]
+        f"Device {dev}; batch {batch} at the quick size, {paper_batch} at the paper size; synthetic inputs (no "
+        "data loading). 'quick' = the quick profile's model and input size, 'paper' = the paper profile's. "
+        "Settings: fp32; bf16 = bf16 autocast; cl = channels_last; compile = torch.compile (compilation excluded). "
+        "'train' = forward + backward + SGD step of the model's forward pass with a squared-logit loss. FLOPs per "
+        "image from torch's FlopCounterMode (fp32, uncompiled); '% of bf16 matmul' = the FLOP rate reached over "
+        f"the device's measured bf16 matrix-multiply rate, {ref_rate / 1e12:.3g} TFLOP/s (fp32: "
+        f"{fp32_rate / 1e12:.3g} TFLOP/s; `matmul_rate`).", "",
+        "| model | profile | input | setting | train img/s | infer img/s | train GFLOP/img | train % of bf16 "
+        "matmul | infer % of bf16 matmul |", "|---|---|---|---|---|---|---|---|---|"]
     profiles = ["quick"] + (["paper"] if paper_sizes else [])
     fastest = 0.0
     for v in variants:
         for prof in profiles:
-            try:
-                model, cfg, task, size = build(v, prof)
-                model.to(dev)
-                bs = batch if prof == "quick" else max(2, batch // 8)
-                b = fake_batch(bs, size, task, dev)
-                tr = throughput(model, b, True, steps=3 if prof == "paper" else 5)
-                inf = throughput(model, b, False, steps=3 if prof == "paper" else 5)
-            except Exception as e:
-                lines.append(f"| {v} | {prof} | | error: {type(e).__name__}: {e} | |")
-                continue
-            lines.append(f"| {v} | {prof} | {size} | {tr:.1f} | {inf:.1f} |")
-            print(lines[-1], flush=True)
-            if prof == "quick":
-                fastest = max(fastest, tr)
+            for setting in settings:
+                try:
+                    model, cfg, task, size = build(v, prof)
+                    model.to(dev)
+                    bs = batch if prof == "quick" else paper_batch
+                    b = fake_batch(bs, size, task, dev)
+                    steps = 3 if prof == "paper" else 5
+                    f_tr, f_inf = flops_per_image(model, b, True), flops_per_image(model, b, False)
+                    tr = throughput(model, b, True, steps=steps, setting=setting)
+                    inf = throughput(model, b, False, steps=steps, setting=setting)
+                except Exception as e:  # report, keep going
+                    lines.append(f"| {v} | {prof} | | {setting} | error: {type(e).__name__}: {e} | | | | |")
+                    print(lines[-1], flush=True)
+                    continue
+                lines.append(f"| {v} | {prof} | {size} | {setting} | {tr:.1f} | {inf:.1f} | {f_tr / 1e9:.3g} | "
+                             f"{100 * tr * f_tr / ref_rate:.1f}% | {100 * inf * f_inf / ref_rate:.1f}% |")
+                print(lines[-1], flush=True)
+                if prof == "quick" and setting == settings[0]:
+                    fastest = max(fastest, tr)
     (out / f"throughput_{dev}.md").write_text("\n".join(lines) + "\n")
     return fastest
 
@@ -213,15 +292,24 @@ def main() -> int:
     ap.add_argument("--models", default="default")
     ap.add_argument("--out", default=str(ROOT / "results" / "perf"))
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--paper-batch", type=int, default=None,
+                    help="batch at the paper input size (default: 64 on a GPU, batch // 8 on a CPU)")
     ap.add_argument("--no-paper-throughput", action="store_true")
+    ap.add_argument("--settings", default=None,
+                    help=f"comma-separated throughput settings from {list(SETTINGS)} (default: all on a GPU, "
+                         "fp32 on a CPU)")
     a = ap.parse_args()
+    settings = a.settings.split(",") if a.settings else None
+    unknown = [x for x in settings or [] if x not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from aurecog.runner.grid import select_models
 
     variants = select_models(a.models)
     model_size(select_models("all") if a.models == "default" else variants, out)
-    fastest = model_throughput(variants, out, a.batch, not a.no_paper_throughput)
+    fastest = model_throughput(variants, out, a.batch, not a.no_paper_throughput, settings, a.paper_batch)
     data_path(out, fastest)
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         if script.name not in ("run_all.py",) and not script.name.startswith("_"):
