@@ -40,7 +40,7 @@ def test_flops_per_image_matches_hand_count():
 def test_throughput_table_with_gpu_settings_on_cpu(tmp_path):
     """The settings a CUDA run measures by default also run here (bf16 autocast + channels_last), for a plain
     model and for RE-Net, whose conditional BNs must accept bf16 activations."""
-    assert run_all.matmul_rate("cpu", torch.float32, n=128, repeats=2) > 0
+    assert run_all.matmul_rate("cpu", torch.float32, n=128, repeats=2, rounds=2) > 0
     fastest = run_all.model_throughput(["baseline", "renet"], tmp_path, batch=4, paper_sizes=False,
                                        settings=["fp32", "bf16-cl"])
     text = (tmp_path / "throughput_cpu.md").read_text()
