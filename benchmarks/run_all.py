@@ -225,6 +225,7 @@ def model_throughput(variants: list[str], out: Path, batch: int, paper_sizes: bo
         "matmul | infer % of bf16 matmul |", "|---|---|---|---|---|---|---|---|---|"]
     profiles = ["quick"] + (["paper"] if paper_sizes else [])
     fastest = 0.0
+    flops: dict[tuple[str, str], tuple[float, float]] = {}  # per model and size, not per setting
     for v in variants:
         for prof in profiles:
             for setting in settings:
@@ -234,7 +235,9 @@ def model_throughput(variants: list[str], out: Path, batch: int, paper_sizes: bo
                     bs = batch if prof == "quick" else paper_batch
                     b = fake_batch(bs, size, task, dev)
                     steps = 3 if prof == "paper" else 5
-                    f_tr, f_inf = flops_per_image(model, b, True), flops_per_image(model, b, False)
+                    if (v, prof) not in flops:
+                        flops[v, prof] = flops_per_image(model, b, True), flops_per_image(model, b, False)
+                    f_tr, f_inf = flops[v, prof]
                     tr = throughput(model, b, True, steps=steps, setting=setting)
                     inf = throughput(model, b, False, steps=steps, setting=setting)
                 except Exception as e:  # report, keep going
