@@ -51,7 +51,7 @@ def cmd_bench(a) -> int:
     t0 = time.time()
     slurm = {"partition": a.slurm_partition, "gpus_per_node": a.gpus_per_node, "nodes": a.nodes,
              "timeout_min": a.timeout_min}
-    res = grid.run_grid(cells, a.data_root, mode, a.jobs, a.launcher, slurm, console)
+    res = grid.run_grid(cells, a.data_root, mode, a.jobs, a.launcher, slurm, console, keep_stale=a.keep_stale)
     console.print(f"done {len(res['done'])}, skipped {len(res['skipped'])}, failed {len(res['failed'])} "
                   f"in {time.time() - t0:.0f} s")
     if not a.no_leaderboard:
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--wandb", default=None, help="online | offline | disabled (default: $WANDB or offline)")
     b.add_argument("--set", action="append", default=[], help="config override key.sub=value (repeatable)")
     b.add_argument("--no-leaderboard", action="store_true")
+    b.add_argument("--keep-stale", action="store_true",
+                   help="keep finished cells whose identity (config, code, lock, data, threads, device) differs from "
+                        "now instead of redoing them (a warning names each)")
     b.set_defaults(fn=cmd_bench)
 
     lb = sub.add_parser("leaderboard", help="rebuild leaderboards from stored run folders (no training)")
@@ -203,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.set_defaults(fn=cmd_leaderboard)
 
     e = sub.add_parser("evaluate", help="test a checkpoint on its fold (devices > 1: DDP, each sample once)")
-    e.add_argument("--ckpt", required=True)
+    e.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder (uses its checkpoints/best.ckpt)")
     e.add_argument("--out", required=True)
     e.add_argument("--devices", type=int, default=1)
     e.add_argument("--data-root", default=os.environ.get("DATA_ROOT") or None)

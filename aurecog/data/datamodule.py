@@ -328,6 +328,20 @@ class AUDataModule(L.LightningDataModule):
         return self.split_sources[split].index.iloc[self.split_rows[split]].reset_index(drop=True)
 
 
+def datamodule_from_config(cfg: dict, fold: int, data_root: str | None = None, progress: bool = True) -> AUDataModule:
+    """The DataModule of a resolved cell config (``data.*``, dataset, protocol, task, confounder, labels)."""
+    d = cfg.get("data", {})
+    return AUDataModule(
+        dataset=cfg.get("dataset_config") or cfg["dataset"], protocol=cfg.get("protocol"), fold=fold,
+        task=cfg.get("task"),
+        data_root=data_root, input_size=d.get("input_size", 64), resize=d.get("resize"),
+        batch_size=d.get("batch_size", 32), eval_batch_size=d.get("eval_batch_size"),
+        num_workers=d.get("num_workers", 0), mean=d.get("mean", (0.5,) * 3), std=d.get("std", (0.5,) * 3),
+        augment=d.get("augment"), confounder=cfg.get("confounder"), val_fraction=d.get("val_fraction"),
+        split_seed=d.get("split_seed", 0), synth_seed=d.get("synth_seed", 0), labels=cfg.get("labels"),
+        max_train_samples=d.get("max_train_samples"), progress=progress)
+
+
 def _lookup(values: np.ndarray, table: list[str]) -> np.ndarray:
     pos = {v: i for i, v in enumerate(table)}
     return np.array([pos.get(v, -1) for v in values], dtype=np.int64)
