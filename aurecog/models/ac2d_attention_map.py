@@ -13,13 +13,10 @@ panel per AU with A^avg(j) (bilinearly upsampled from the l/8 x l/8 key grid) ov
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from aurecog.config import REPO_ROOT
 
 
 @torch.no_grad()
