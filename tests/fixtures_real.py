@@ -410,7 +410,8 @@ def write_json(path: Path, obj) -> None:
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 #: ``aurecog`` with the stand-in detector installed (the dlib detector is optional and not installed in tests)
-_WITH_FAKE_DETECTOR = ("import sys, fixtures_real, aurecog.data.prepare as P; P._DETECTOR = fixtures_real.disc_detector; "
+_WITH_FAKE_DETECTOR = ("import sys, fixtures_real, aurecog.data.prepare as P; "
+                       "P._DETECTOR = fixtures_real.disc_detector; "
                        "from aurecog.cli import main; sys.exit(main(sys.argv[1:]))")
 
 

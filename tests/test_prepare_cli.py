@@ -14,8 +14,18 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures_real import (BP4D_AUS, aurecog, assert_one_line_error, make_affwild2, make_bp4d, make_ckplus,
-                           make_disfa, make_generic, make_mmi, prepare_cli)
+from fixtures_real import (
+    BP4D_AUS,
+    assert_one_line_error,
+    aurecog,
+    make_affwild2,
+    make_bp4d,
+    make_ckplus,
+    make_disfa,
+    make_generic,
+    make_mmi,
+    prepare_cli,
+)
 
 from aurecog.data.prepared import PreparedDataset
 
@@ -186,3 +196,11 @@ def test_disfa_label_file_numbered_from_zero_fails(tmp_path):
         p.write_text("".join(f"{int(f) - 1},{v}\n" for f, v in (ln.split(",") for ln in p.read_text().split())))
     res = prepare_cli("disfa", src, tmp_path / "o")
     assert_one_line_error(res, "SN001_au", "frame 0", "1-based")
+
+
+def test_every_option_is_described():
+    from aurecog.data import prepare as P
+
+    for name in P.PREPARERS:
+        for key, (_default, text) in P.options(name).items():
+            assert text, (name, key)

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures_real import (BP4D_AUS, make_affwild2, make_bp4d, make_ckplus, make_disfa, make_generic, make_mmi,
-                           make_oulu, prepare_cli)
+from fixtures_real import (
+    BP4D_AUS,
+    make_affwild2,
+    make_bp4d,
+    make_ckplus,
+    make_disfa,
+    make_generic,
+    make_mmi,
+    make_oulu,
+    prepare_cli,
+)
 
 from aurecog import config as C
 from aurecog.data.datamodule import AUDataModule
