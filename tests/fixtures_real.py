@@ -19,8 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from aurecog.data.align import CANONICAL_EYES
 from aurecog.data.landmarks import DISFA66_FROM_IBUG68, INTRAFACE49_FROM_IBUG68
-from aurecog.data.prepare import CANONICAL_EYES
 
 try:
     import scipy.io as sio

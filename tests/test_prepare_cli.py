@@ -68,6 +68,7 @@ def test_unknown_option_is_one_line(tmp_path):
     make_disfa(src, subjects=("SN001",), n_frames=2)
     res = prepare_cli("disfa", src, tmp_path / "o", "positive_treshold=1")
     assert_one_line_error(res, "positive_treshold", "positive_threshold")
+    assert_one_line_error(prepare_cli("disfa", src, tmp_path / "o", "chunk=ten"), "chunk=ten", "integer")
     assert not (tmp_path / "o").exists()
 
 

@@ -111,6 +111,8 @@ def _prepare_csv(src, out, workers, image_size, progress, *, name, csv, unknown,
     src, out = Path(src), Path(out)
     positive_threshold, unknown, chunk = int(positive_threshold), int(unknown), int(chunk)
     expressions = P.as_list(expressions)
+    if landmark_layout is not None and landmark_layout not in N_POINTS:
+        raise P.PrepareError(f"landmark_layout={landmark_layout}: expected one of {', '.join(N_POINTS)}")
     path = Path(csv) if Path(csv).is_absolute() else src / csv
     df = _read_csv(path)
     for col in ("image", "subject"):

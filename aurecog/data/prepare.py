@@ -7,9 +7,9 @@ Entry point (wired to ``aurecog prepare <dataset> --src --out`` and ``make prepa
 Shared machinery, used by one reader module per dataset (``bp4d``, ``bp4dplus``, ``disfa``, ``gft``,
 ``affwild2``, ``fermix``, ``generic``):
 
-* **Alignment** (:func:`align_face`): a similarity transform (rotation + isotropic scale + translation) that
-  maps the two eye centres (means of the eye-contour landmarks of the layout) onto the canonical positions
-  :data:`CANONICAL_EYES` (fractions of the output size: image-left eye at (0.35, 0.40), image-right eye at
+* **Alignment** (:mod:`aurecog.data.align`): a similarity transform (rotation + isotropic scale + translation)
+  that maps the two eye centres (means of the eye-contour landmarks of the layout) onto the canonical positions
+  ``CANONICAL_EYES`` (fractions of the output size: image-left eye at (0.35, 0.40), image-right eye at
   (0.65, 0.40)); the image is warped with it to ``image_size`` x ``image_size`` and the landmarks are
   transformed with the same matrix.
 * **Landmarks**: the dataset's own landmarks where it ships them (BP4D/BP4D+ 49 points, DISFA 66, CK+ 68);
@@ -17,11 +17,12 @@ Shared machinery, used by one reader module per dataset (``bp4d``, ``bp4dplus``,
   preparation stops with ``pip install dlib-bin face-recognition-models``.
 * **Report**: a frame whose image, face or landmarks cannot be read, or whose labels are unusable, is not
   written; it is listed in ``<out>/report.csv`` (columns ``file, reason, kind, frames``: one line may stand for
-  several frames, e.g. a sequence without a label file), counted per :data:`REPORT_KINDS` and summarised on
-  stdout (frames found, prepared, per kind, per reason). Nothing is dropped silently. Structural problems
-  (missing folder, label file with a wrong column count, a non-integer or out-of-range code, a header that does
-  not name what the reader expects) raise :class:`PrepareError` naming the file; ``aurecog prepare`` prints it as
-  one line and exits 2.
+  several frames, e.g. a sequence without a label file; :mod:`aurecog.data.report`), counted per kind and
+  summarised on stdout (frames found, prepared, per kind, per reason); readers write the lines with
+  :func:`~aurecog.data.report.note`. Nothing is dropped silently. Structural problems (missing folder, label
+  file with a wrong column count, a non-integer or out-of-range code, a header that does not name what the
+  reader expects) raise :class:`PrepareError` naming the file; ``aurecog prepare`` prints it as one line and
+  exits 2.
 * **Resumable parallel writer** (:func:`prepare_jobs`): the work is cut into jobs (a sequence, a video chunk,
   a subject); each job is processed in a ``multiprocessing.Pool`` (``workers`` processes, default: the
   machine's cores) and saved as a chunk in ``<out>.work/`` with a done-marker holding a fingerprint of the job's
@@ -33,7 +34,6 @@ Shared machinery, used by one reader module per dataset (``bp4d``, ``bp4dplus``,
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import json
@@ -52,102 +52,19 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from aurecog.data.align import BORDER_VALUE, CANONICAL_EYES, align_face, check_landmarks
 from aurecog.data.landmarks import N_POINTS, check_layout
 from aurecog.data.prepared import UNKNOWN, PreparedWriter
+from aurecog.data.report import note, reason_kind, report_counts, summary, write_report
 
 DEFAULT_IMAGE_SIZE = 256
-#: Canonical eye centres as fractions of the output size (x, y): image-left eye, image-right eye.
-CANONICAL_EYES = ((0.35, 0.40), (0.65, 0.40))
-#: Eye-contour landmark indices of each layout: (image-left eye, image-right eye) for a frontal face.
-EYE_INDICES = {
-    "ibug68": (list(range(36, 42)), list(range(42, 48))),
-    "disfa66": (list(range(36, 42)), list(range(42, 48))),  # DISFA drops 60/64 only: eyes keep iBUG indices
-    "intraface49": (list(range(19, 25)), list(range(25, 31))),
-}
 DETECTOR_HINT = "pip install dlib-bin face-recognition-models"
-BORDER_VALUE = (0, 0, 0)
-
-
-class PrepareError(RuntimeError):
-    """The distribution is not where or what the preparer expects; the message names the file or folder."""
-
-
-#: What a report line stands for -> (summary label, whether its frames count as found but not prepared).
-#: ``no_image`` and ``unlabelled`` are always printed (labelled frames without images, images without labels).
-REPORT_KINDS = {
-    "no_image": ("labelled frames without an image", True),
-    "unlabelled": ("images without labels", True),
-    "unreadable": ("labelled frames whose image or video frame cannot be decoded", True),
-    "no_landmarks": ("labelled frames without usable landmarks (or no face found)", True),
-    "excluded": ("labelled frames outside the prepared label set", True),
-    "info": ("notes on prepared frames (some labels unknown)", False),
-}
-REPORT_COLUMNS = ("file", "reason", "kind", "frames")
 #: bump when the chunk format (report lines) changes: old ``<out>.work`` chunks are then redone
 CHUNK_VERSION = 2
 
 
-def note(file, reason: str, kind: str, frames: int = 1) -> tuple[str, str, str, int]:
-    """A report line: ``file`` (the file, folder or frame it is about), ``reason`` (``"<fixed phrase>"`` or
-    ``"<fixed phrase>: <details>"``; the summary groups on the phrase), ``kind`` (a key of
-    :data:`REPORT_KINDS`) and the number of ``frames`` it stands for."""
-    if kind not in REPORT_KINDS:
-        raise ValueError(f"report kind {kind!r} not in {sorted(REPORT_KINDS)}")
-    return str(file), str(reason), kind, int(frames)
-
-
-# ---------------------------------------------------------------------------------------------------- alignment
-def canonical_eyes(size: int) -> np.ndarray:
-    """Canonical eye centres in pixels for an output of ``size`` x ``size`` (2 x 2: left, right)."""
-    return np.asarray(CANONICAL_EYES, dtype=np.float64) * size
-
-
-def eye_centres(landmarks: np.ndarray, layout: str) -> np.ndarray:
-    left, right = EYE_INDICES[layout]
-    lm = np.asarray(landmarks, dtype=np.float64)
-    return np.stack([lm[left].mean(0), lm[right].mean(0)])
-
-
-def similarity_from_eyes(eyes: np.ndarray, size: int) -> np.ndarray:
-    """2 x 3 similarity matrix mapping the two source eye centres exactly onto the canonical ones."""
-    src = eyes[:, 0] + 1j * eyes[:, 1]
-    dst_xy = canonical_eyes(size)
-    dst = dst_xy[:, 0] + 1j * dst_xy[:, 1]
-    if abs(src[1] - src[0]) < 1e-6:
-        raise ValueError("eye centres coincide")
-    c = (dst[1] - dst[0]) / (src[1] - src[0])  # rotation + scale
-    t = dst[0] - c * src[0]
-    return np.array([[c.real, -c.imag, t.real], [c.imag, c.real, t.imag]], dtype=np.float64)
-
-
-def check_landmarks(landmarks, layout: str) -> str | None:
-    """None when usable, else the reason (wrong shape, NaN, degenerate eyes)."""
-    lm = np.asarray(landmarks, dtype=np.float64) if landmarks is not None else None
-    if lm is None or lm.size == 0:
-        return "no landmarks"
-    if lm.shape != (N_POINTS[layout], 2):
-        return f"landmarks of the wrong shape: {tuple(lm.shape)}, expected ({N_POINTS[layout]}, 2) for {layout}"
-    if not np.isfinite(lm).all():
-        return "landmarks contain NaN/inf"
-    eyes = eye_centres(lm, layout)
-    if np.linalg.norm(eyes[1] - eyes[0]) < 1.0:
-        return "degenerate landmarks (eye centres coincide)"
-    return None
-
-
-def align_face(image_bgr: np.ndarray, landmarks: np.ndarray, layout: str, size: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Warp a BGR (or gray) frame to the canonical ``size`` crop; returns (RGB uint8 S x S x 3, landmarks L x 2)."""
-    if image_bgr.ndim == 2:
-        image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2BGR)
-    elif image_bgr.shape[2] == 4:
-        image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_BGRA2BGR)
-    lm = np.asarray(landmarks, dtype=np.float64)
-    m = similarity_from_eyes(eye_centres(lm, layout), size)
-    crop = cv2.warpAffine(image_bgr, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=BORDER_VALUE)
-    out_lm = lm @ m[:, :2].T + m[:, 2]
-    return cv2.cvtColor(crop, cv2.COLOR_BGR2RGB), out_lm.astype(np.float32)
+class PrepareError(RuntimeError):
+    """The distribution is not where or what the preparer expects; the message names the file or folder."""
 
 
 # ---------------------------------------------------------------------------------------------------- detector
@@ -592,7 +509,7 @@ def _merge(jobs, work, out, layout, meta, image_size, columns, extra_report, pro
     for _, info in parts:
         report.extend(note(*r) for r in info["report"])
     if n == 0:
-        _write_report(out.with_name(out.name + ".report.csv"), report)
+        write_report(out.with_name(out.name + ".report.csv"), report)
         raise PrepareError(
             f"no frame could be prepared ({len(report)} problems, listed in {out.name}.report.csv next to {out}); "
             "check --src")
@@ -625,7 +542,7 @@ def _merge(jobs, work, out, layout, meta, image_size, columns, extra_report, pro
     meta = dict(meta, n_reported=len(report), report_reasons=dict(reasons), counts=counts,
                 alignment={"method": "similarity transform on the eye centres",
                            "canonical_eyes": [list(e) for e in CANONICAL_EYES], "border": list(BORDER_VALUE)})
-    _write_report(writer.tmp_dir / "report.csv", report)
+    write_report(writer.tmp_dir / "report.csv", report)
     writer.finalize(index, meta)
     shutil.rmtree(work, ignore_errors=True)
     old_report = out.with_name(out.name + ".report.csv")
@@ -633,48 +550,6 @@ def _merge(jobs, work, out, layout, meta, image_size, columns, extra_report, pro
         old_report.unlink()
     print(summary(meta.get("name"), out, counts, report))
     return out
-
-
-def reason_kind(reason: str) -> str:
-    """The fixed phrase of a report reason (the text before the first ``": "``), for the summary counts."""
-    return str(reason).split(": ")[0].strip()
-
-
-def report_counts(prepared: int, report) -> dict[str, int]:
-    """``found`` (prepared + every reported frame not prepared), ``prepared`` and the frames of each kind."""
-    counts = {"found": int(prepared), "prepared": int(prepared)}
-    counts.update({k: 0 for k in REPORT_KINDS})
-    for _file, _reason, kind, frames in report:
-        counts[kind] += int(frames)
-        if REPORT_KINDS[kind][1]:
-            counts["found"] += int(frames)
-    return counts
-
-
-def _write_report(path: Path, report):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(REPORT_COLUMNS)
-        w.writerows(report)
-
-
-def summary(name, out, counts: dict[str, int], report) -> str:
-    """The printed summary: frames found and prepared, the frames of each report kind (labelled frames without
-    an image and images without labels always), then frames and lines per reason."""
-    lines = [f"[prepare] {name}: {counts['found']} frames found, {counts['prepared']} prepared into {out}"]
-    for kind, (label, _) in REPORT_KINDS.items():
-        if counts[kind] or kind in ("no_image", "unlabelled"):
-            lines.append(f"[prepare] {counts[kind]:8d}  {label}")
-    if report:
-        frames, nlines = Counter(), Counter()
-        for _file, reason, _kind, k in report:
-            frames[reason_kind(reason)] += k
-            nlines[reason_kind(reason)] += 1
-        lines.append(f"[prepare] {len(report)} lines in {out / 'report.csv'}, by reason (frames, lines):")
-        lines += [f"    {frames[r]:8d} {c:6d}  {r}" for r, c in nlines.most_common()]
-    else:
-        lines.append("[prepare] nothing reported: every frame found was prepared")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -812,6 +687,13 @@ def run(dataset: str, src: str | os.PathLike, out: str | os.PathLike, workers: i
     if unknown:
         raise PrepareError(f"unknown --option {', '.join(unknown)} for {dataset}; its options are "
                            f"{', '.join(f'{k}={_show(d)}' for k, (d, _) in known.items()) or 'none'}")
+    for key, value in list(opts.items()):
+        default = known[key][0]
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, str):
+            try:
+                opts[key] = int(value)
+            except ValueError:
+                raise PrepareError(f"--option {key}={value}: expected an integer (default {default})") from None
     src = Path(src)
     if not src.is_dir():
         raise PrepareError(f"--src {src} is not a folder")
