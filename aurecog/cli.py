@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -144,10 +145,19 @@ def cmd_prepare(a) -> int:
 
     bad = [kv for kv in a.option if "=" not in kv]
     if bad:
-        raise SystemExit(f"error: --option takes KEY=VALUE, got {bad}")
+        raise prepare.PrepareError(f"--option takes KEY=VALUE, got {bad}")
     opts = dict(kv.split("=", 1) for kv in a.option)
     prepare.run(a.dataset, a.src, a.out, workers=a.workers, image_size=a.size, progress=True, **opts)
     return 0
+
+
+def _lazy_epilog(parser: argparse.ArgumentParser, make) -> None:
+    """Compute ``parser``'s epilog only when its help is shown (the readers are not imported otherwise)."""
+    def format_help():
+        parser.epilog = make()
+        return argparse.ArgumentParser.format_help(parser)
+
+    parser.format_help = format_help
 
 
 def cmd_models(a) -> int:
@@ -219,15 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sheet-out", default=None)
     s.set_defaults(fn=cmd_synth)
 
-    pr = sub.add_parser("prepare", help="convert a dataset distribution into the prepared format")
-    pr.add_argument("dataset")
-    pr.add_argument("--src", required=True)
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    pr.add_argument("--size", type=int, default=256)
+    pr = sub.add_parser("prepare", help="convert a dataset distribution into the prepared format",
+                        description=textwrap.fill(
+                            "Convert a dataset distribution, as shipped, into the prepared format. Frames that cannot "
+                            "be prepared are listed in <out>/report.csv and counted in the printed summary; a "
+                            "distribution that is not what the reader expects stops with one error line naming the "
+                            "file (exit code 2).", 100),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("dataset", help="dataset to prepare (listed below)")
+    pr.add_argument("--src", required=True, help="the distribution folder, as shipped")
+    pr.add_argument("--out", required=True, help="the prepared folder to write (<DATA_ROOT>/<dataset>)")
+    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
+    pr.add_argument("--size", type=int, default=256, help="aligned crop size in pixels (default 256)")
     pr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="preparer option, e.g. positive_threshold=1, camera=right, landmarks_dir=DIR, name=mydata")
+                    help="preparer option (repeatable), keys per dataset below")
+    pr.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     pr.set_defaults(fn=cmd_prepare)
+
+    def _datasets_and_options():
+        from aurecog.data.prepare import options_help
+
+        return options_help()
+
+    _lazy_epilog(pr, _datasets_and_options)
 
     sub.add_parser("models", help="list registered model variants and groups").set_defaults(fn=cmd_models)
     sub.add_parser("datasets", help="list dataset configs").set_defaults(fn=cmd_datasets)
@@ -238,6 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
+    except RuntimeError as e:
+        from aurecog.data.prepare import PrepareError
+
+        if not isinstance(e, PrepareError):
+            raise
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        return 2
     except (ValueError, KeyError, FileNotFoundError) as e:
         from aurecog.config import ConfigError
         from aurecog.runner.grid import GridError
