@@ -20,7 +20,8 @@ from aurecog.data.bp4d import BP4D_AUS
 from aurecog.data.datamodule import AUDataModule
 from aurecog.data.disfa import DISFA_AUS, DISFA_BENCH_AUS
 from aurecog.data.gft import GFT_AUS
-from aurecog.data.prepared import PreparedDataset
+from aurecog.data.landmarks import to_intraface49
+from aurecog.data.prepared import PreparedDataset, PreparedWriter
 from aurecog.data.protocols import (
     ProtocolError,
     carve_validation,
@@ -151,16 +152,30 @@ def _dm(name: str, protocol: str, fold: int = 0, **kw) -> AUDataModule:
     return dm
 
 
-def test_lodo_datamodule_trains_on_no_frame_of_the_held_out_dataset(tiny_cache):
-    dm = _dm("synth-disfa", "lodo")
-    held = tiny_index("synth-disfa")
+@pytest.mark.parametrize("name", AU_PRESETS)
+def test_lodo_datamodule_trains_on_no_frame_of_the_held_out_dataset(tiny_cache, name):
+    dm = _dm(name, "lodo")
+    held = tiny_index(name)
+    others = [n for n in AU_PRESETS if n != name]
     assert dm.task_spec.names == COMMON_AUS
     train = pd.concat([dm.split_index("train"), dm.split_index("val")])
-    assert set(train["source_dataset"]) == {"synth-bp4d", "synth-bp4dplus", "synth-gft"}
-    n_train = sum(len(tiny_index(n)) for n in ("synth-bp4d", "synth-bp4dplus", "synth-gft"))
-    assert len(train) == n_train  # every training frame once (fit + validation), nothing of the held-out set
+    assert set(train["source_dataset"]) == set(others)
+    assert len(train) == sum(len(tiny_index(n)) for n in others)  # every training frame once, none held out
     assert not set(train["subject"]) & set(held["subject"]) and all("/" in s for s in train["subject"])
-    assert not set(train["subject"].str.split("/").str[1]) & set(held["subject"])  # raw names too (SN... vs B...)
+    assert not set(train["subject"].str.split("/").str[1]) & set(held["subject"])  # raw names too (SN.. vs B..)
+    src = dm.split_sources["train"]
+    for n in others:  # each training row reads the image and landmarks of its own frame in its source
+        part = train[train["source_dataset"] == n]
+        assert sorted(part["frame"]) == sorted(tiny_index(n)["frame"])
+        own = PreparedDataset.open(synth.generate(n, progress=False, overrides=TINY))
+        pos = np.flatnonzero(src.index["source_dataset"].to_numpy() == n)
+        for r in pos[[0, len(pos) // 2, -1]]:
+            row = src.index.iloc[r]
+            local = np.flatnonzero((own.index["subject"] == row["subject"].split("/")[1]).to_numpy()
+                                   & (own.index["frame"] == row["frame"]).to_numpy()
+                                   & (own.index["session"] == row["session"]).to_numpy())
+            assert len(local) == 1
+            assert (src.images[r] == own.images[local[0]]).all() and (src.landmarks[r] == own.landmarks[local[0]]).all()
     test = dm.split_index("test")
     assert len(test) == len(held) and (test["subject"].to_numpy() == held["subject"].to_numpy()).all()
     # targets: each source's own occurrence columns, in the common-AU order
@@ -172,6 +187,34 @@ def test_lodo_datamodule_trains_on_no_frame_of_the_held_out_dataset(tiny_cache):
     b = next(iter(dm.train_dataloader()))
     assert b["target"].shape == (8, 5) and b["landmarks"].shape == (8, 68, 2)
     assert dm.stats.subjects == sorted(fit_s)
+
+
+def test_lodo_mixed_landmark_layouts_and_equal_subject_names(tmp_path):
+    """Prepared datasets (not SynthAU): two ibug68 training sets whose subjects share names (S00...) and an
+    IntraFace-49 held-out set coding fewer AUs -> 49-point landmarks, namespaced subjects, the common AUs."""
+    make_prepared(tmp_path / "a", n_subjects=3, per_subject=4, size=16, seed=1)
+    make_prepared(tmp_path / "b", n_subjects=3, per_subject=4, size=16, seed=2)
+    w = PreparedWriter(tmp_path / "c", 8, 16, "intraface49")
+    w.images[:] = 5
+    w.landmarks[:] = np.arange(98, dtype=np.float32).reshape(49, 2)
+    idx = pd.DataFrame({"dataset": "c", "subject": np.repeat(["X0", "X1"], 4), "session": "1", "frame": range(8),
+                        **{au: np.int8(1) for au in ("AU1", "AU4", "AU24")}})
+    w.finalize(idx, {"name": "c", "aus": ["AU1", "AU4", "AU24"], "intensity_aus": [], "expressions": []})
+    lodo = {"type": "leave_one_dataset_out", "train_datasets": [dataset_config("a"), dataset_config("b")]}
+    dm = AUDataModule(dataset_config("c", protocol=lodo), data_root=str(tmp_path), input_size=16, batch_size=4,
+                      val_fraction=0.2, progress=False)
+    dm.setup()
+    assert dm.task_spec.names == ["AU1", "AU4", "AU24"]  # the common AUs, no list given
+    assert dm.landmark_layout == "intraface49"
+    src, a = dm.split_sources["train"], PreparedDataset.open(tmp_path / "a")
+    assert (src.landmarks[0] == to_intraface49(np.asarray(a.landmarks[0]), "ibug68")).all()
+    assert src.landmarks[len(a.index)].shape == (49, 2)  # first row of b
+    subjects = set(src.index["subject"])
+    assert {"a/S00", "b/S00"} <= subjects and len(subjects) == 6  # equal names, two subjects
+    b = next(iter(dm.train_dataloader()))
+    assert b["landmarks"].shape[1:] == (49, 2) and b["target"].shape[1] == 3
+    assert next(iter(dm.test_dataloader()))["landmarks"].shape[1:] == (49, 2)
+    assert set(dm.split_index("test")["subject"]) == {"X0", "X1"}
 
 
 def test_lodo_rejects_a_label_one_dataset_lacks(tiny_cache):
