@@ -315,21 +315,3 @@ def write_plots(dataset: str, runs: list[dict], agg: pd.DataFrame, out_dir: Path
         out.append(p)
     return out
 
-
-def log_summary_to_wandb(dataset: str, md: Path, csv: Path, wandb_mode: str) -> None:
-    """One summary W&B run per `make bench`: the leaderboard table and its plots."""
-    if wandb_mode == "disabled":
-        return
-    import os
-
-    import wandb
-
-    os.environ["WANDB_SILENT"] = "true"
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "aurecog"), group=f"{dataset}/summary",
-                     job_type="leaderboard", name=f"leaderboard-{dataset}", mode=wandb_mode,
-                     dir=str(md.parent), reinit="finish_previous")
-    df = pd.read_csv(csv)
-    run.log({"leaderboard": wandb.Table(dataframe=df)})
-    for p in sorted(md.parent.glob("*.png")):
-        run.log({p.stem: wandb.Image(str(p))})
-    run.finish()
