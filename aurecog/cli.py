@@ -60,7 +60,9 @@ def cmd_bench(a) -> int:
         if out:
             console.print(f"leaderboard: {out[0]}")
             print(out[0].read_text().split("## Plots")[0])
-            leaderboard.log_summary_to_wandb(a.dataset, out[0], out[1], mode)
+            from aurecog.runner import dashboard
+
+            dashboard.log_summary_to_wandb(a.dataset, out[0], out[1], mode)
     for c, _ in res["failed"]:
         console.print(f"[red]failed: {c.key} (log {c.log_path})[/red]")
     return 1 if res["failed"] else 0
@@ -102,7 +104,9 @@ def _prepare_synth(dataset: str) -> None:
     for p in (cfg.get("protocols") or {}).values():
         if p.get("type") == "cross_dataset":
             names.append(p["test_dataset"])
-    for n in names:
+        if p.get("type") == "leave_one_dataset_out":
+            names += list(p["train_datasets"])
+    for n in dict.fromkeys(names):
         c = C.load_dataset(n)
         if c.get("source") == "synth":
             from aurecog.data.synth import generate

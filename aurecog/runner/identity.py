@@ -76,20 +76,23 @@ def git_state(root: Path = REPO_ROOT) -> dict:
 def data_version(cfg: dict, data_root: str | None = None) -> str:
     """SynthAU: ``synthau-v<generator>:<preset>:seed<synth seed>`` per source; real data: each prepared
     dataset's fingerprint (the hash of its integrity manifest)."""
-    from aurecog import config as C
+    from aurecog.data.datamodule import load_config
     from aurecog.data.synth import GENERATOR_VERSION
 
-    src = cfg.get("dataset_config") or cfg["dataset"]  # a dataset name, or an inline dataset config (tests)
-    ds = dict(src) if isinstance(src, dict) else C.load_dataset(src)
-    names = [ds]
+    ds = load_config(cfg.get("dataset_config") or cfg["dataset"])  # a dataset name, or an inline config (tests)
     proto = (ds.get("protocols") or {}).get(cfg.get("protocol")) or {}
+    names = [ds]
     if proto.get("type") == "cross_dataset":
-        names.append(C.load_dataset(proto["test_dataset"]))
+        names.append(load_config(proto["test_dataset"]))
+    elif proto.get("type") == "leave_one_dataset_out":
+        names += [load_config(d) for d in proto["train_datasets"]]
     parts = []
     seed = (cfg.get("data") or {}).get("synth_seed", 0)
     for d in names:
         if d.get("source") == "synth":
-            parts.append(f"synthau-v{GENERATOR_VERSION}:{d.get('preset', d['name'])}:seed{seed}")
+            over = d.get("synth_overrides")
+            parts.append(f"synthau-v{GENERATOR_VERSION}:{d.get('preset', d['name'])}:seed{seed}"
+                         + (f":{_hash(over)}" if over else ""))
         else:
             parts.append(f"{d['name']}:{prepared_fingerprint(d, data_root)}")
     return "+".join(parts)
