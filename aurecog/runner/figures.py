@@ -32,7 +32,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110, metadata=META)
+    fig.savefig(path, dpi=110, metadata=META, bbox_inches="tight")
     _plt().close(fig)
     return path
 
@@ -55,12 +55,13 @@ def heatmap(dataset: str, task: str, metric: str, labels: list[str], rows: pd.Da
         for j in range(vals.shape[1]):
             v = vals[i, j] * scale
             if v == v:
-                ax.text(j, i, f"{v:.0f}" if scale == 100 else f"{v:.2f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, f"{v:.0f}" if scale == 100 else f"{v + 0.0:.2f}".replace("-0.00", "0.00"),
+                        ha="center", va="center", fontsize=7,
                         color="white" if v < 0.6 * scale else "black")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), [_row_name(r) for _, r in rows.iterrows()], fontsize=8)
     ax.axvline(len(labels) - 0.5, color="white", lw=2)
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label=f"{metric} x {scale:g}")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label=metric if scale == 1 else f"{metric} x {scale:g}")
     ax.set_title(f"{dataset}: {metric} per label ({task})")
     fig.tight_layout()
     return _save(fig, out / f"{task}_heatmap.png")
@@ -124,7 +125,7 @@ def main_models(dataset: str, task: str, metric: str, labels: list[str], rows: p
 
 def forest(dataset: str, res: pd.DataFrame, out: Path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 0.38 * len(res) + 1.8))
+    fig, ax = plt.subplots(figsize=(12, 0.38 * len(res) + 1.9))
     names = []
     for i, (_, r) in enumerate(res.iterrows()):
         y = len(res) - 1 - i
@@ -144,9 +145,9 @@ def forest(dataset: str, res: pd.DataFrame, out: Path) -> Path:
     for v, c in VERDICT_COLOURS.items():
         if (res["verdict"] == v).any():
             ax.plot([], [], color=c, lw=2.5, label=v)
-    ax.set_xlabel("A - B (x100 for F1 / accuracy): ours with 95% paired bootstrap interval; x: reported")
+    ax.set_xlabel("A - B (x100 for F1 / accuracy): dot and bar = ours with its 95% paired bootstrap interval")
     ax.set_title(f"{dataset}: the papers' claims" + (" (SynthAU, via the reference protocol)"
-                                                     if bool(res["synthetic"].iloc[0]) else ""))
+                                                     if bool(res["synthetic"].iloc[0]) else ""), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -367,27 +367,25 @@ def floor_frames(df: pd.DataFrame, kind: str, labels: list[str], prior: dict | N
     Training statistics come from metrics.json's ``train_prevalence`` / ``train_mean`` when stored; otherwise the
     test labels' own statistics are used (an optimistic floor), and ``source`` says which."""
     out: dict[str, tuple] = {}
-    base = df[[c for c in ("sample", "dataset", "subject") if c in df.columns]].copy()
+    base = {c: df[c].to_numpy() for c in ("sample", "dataset", "subject") if c in df.columns}
     source = "training labels" if prior else "test labels"
     if kind == "au":
         t = df[[f"target_{n}" for n in labels]].to_numpy().astype(float)
         test_prev = np.array([np.mean(t[t[:, j] >= 0, j] > 0.5) if (t[:, j] >= 0).any() else 0.0
                               for j in range(len(labels))])
         prev = np.array([float(prior[n]) for n in labels]) if prior else test_prev
-        allpos, const = base.copy(), base.copy()
-        for j, n in enumerate(labels):
-            allpos[f"score_{n}"], const[f"score_{n}"] = 1.0, prev[j]
-            allpos[f"target_{n}"] = const[f"target_{n}"] = t[:, j]
+        targets = {f"target_{n}": t[:, j] for j, n in enumerate(labels)}
+        allpos = _frame(base, {f"score_{n}": np.ones(len(t)) for n in labels}, targets)
+        const = _frame(base, {f"score_{n}": np.full(len(t), prev[j]) for j, n in enumerate(labels)}, targets)
         out["all-positive"] = (allpos, "test labels")
         out["prevalence"] = (const, source)
     elif kind == "intensity":
         t = df[[f"target_{n}" for n in labels]].to_numpy().astype(float)
         test_mean = np.array([t[t[:, j] >= 0, j].mean() if (t[:, j] >= 0).any() else 0.0 for j in range(len(labels))])
         mean = np.array([float(prior[n]) for n in labels]) if prior else test_mean
-        const, zero = base.copy(), base.copy()
-        for j, n in enumerate(labels):
-            const[f"score_{n}"], zero[f"score_{n}"] = mean[j], 0.0
-            const[f"target_{n}"] = zero[f"target_{n}"] = t[:, j]
+        targets = {f"target_{n}": t[:, j] for j, n in enumerate(labels)}
+        const = _frame(base, {f"score_{n}": np.full(len(t), mean[j]) for j, n in enumerate(labels)}, targets)
+        zero = _frame(base, {f"score_{n}": np.zeros(len(t)) for n in labels}, targets)
         out["mean intensity"] = (const, source)
         out["all-zero"] = (zero, "test labels")
     elif kind == "expression":
@@ -396,27 +394,39 @@ def floor_frames(df: pd.DataFrame, kind: str, labels: list[str], prior: dict | N
             major = int(np.argmax([float(prior[n]) for n in labels]))
         else:
             major = int(np.argmax(np.bincount(target[target >= 0], minlength=len(labels))))
-        maj = base.copy()
-        for j, n in enumerate(labels):
-            maj[f"score_{n}"] = 1.0 if j == major else 0.0
-        maj["target"] = target
+        maj = _frame(base, {f"score_{n}": np.full(len(target), float(j == major)) for j, n in enumerate(labels)},
+                     {"target": target})
         out["majority class"] = (maj, source)
     return out
 
 
+def _frame(*parts: dict) -> pd.DataFrame:
+    cols: dict = {}
+    for p in parts:
+        cols.update(p)
+    return pd.DataFrame(cols)
+
+
 # ---------------------------------------------------------------------------------------------- ROC-AUC
 def roc_auc(df: pd.DataFrame, labels: list[str]) -> dict[str, float]:
-    """Per-AU ROC-AUC (sklearn) over known targets, NaN where a fold's test set has one class only; ``auc`` is the
-    mean over the AUs where it is defined. Threshold-free, so insensitive to the skew that moves F1 (Jeni, Cohn
-    & De la Torre, ACII 2013)."""
-    from sklearn.metrics import roc_auc_score
+    """Per-AU ROC-AUC over known targets, NaN where a fold's test set has one class only; ``auc`` is the mean over
+    the AUs where it is defined. Threshold-free, so insensitive to the skew that moves F1 (Jeni, Cohn & De la
+    Torre, ACII 2013). Computed as the Mann-Whitney statistic from tie-averaged ranks (``scipy.stats.rankdata``),
+    which equals ``sklearn.metrics.roc_auc_score`` (tested) at a fraction of its per-call validation cost."""
+    from scipy.stats import rankdata
 
     out = {}
     for n in labels:
         t, s = df[f"target_{n}"].to_numpy(), df[f"score_{n}"].to_numpy()
         k = t >= 0
-        y = t[k] > 0.5
-        out[f"auc/{n}"] = float(roc_auc_score(y, s[k])) if 0 < y.sum() < len(y) else float("nan")
+        y, s = t[k] > 0.5, s[k].astype(np.float64)
+        n_pos = int(y.sum())
+        n_neg = len(y) - n_pos
+        if n_pos == 0 or n_neg == 0:
+            out[f"auc/{n}"] = float("nan")
+            continue
+        ranks = rankdata(s)
+        out[f"auc/{n}"] = float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
     vals = [v for v in out.values() if v == v]
     out["auc"] = float(np.mean(vals)) if vals else float("nan")
     return out
