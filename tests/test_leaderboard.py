@@ -172,3 +172,20 @@ def test_claims_verdicts_floors_and_byte_identical_rebuild(tmp_path):
     assert verdict(-2.0, -0.1, ">", None) == "contradicted" and verdict(-2.0, -0.1, "<", None) == "reproduced"
     assert verdict(-0.4, 0.4, "~", 0.5) == "reproduced" and verdict(-0.4, 0.6, "~", 0.5) == "inconclusive"
     assert verdict(0.6, 0.9, "~", 0.5) == "contradicted"
+
+
+def test_habit_breakdown_binarises_like_the_test_metric(tmp_path):
+    """A score of exactly 0.5 is a negative for torchmetrics (preds > threshold), so for the breakdown too."""
+    import torch
+    from torchmetrics.classification import MultilabelF1Score
+
+    labels = ["AU1", "AU2"]
+    df = pd.DataFrame({"subject": ["A"] * 4, "target_AU1": [1.0, 1.0, 0.0, 1.0], "score_AU1": [0.5, 0.9, 0.5, 0.2],
+                       "target_AU2": [0.0, 1.0, 1.0, 0.0], "score_AU2": [0.5, 0.5, 0.7, 0.1]})
+    habits = {"A": {"group": "g0", "contrarian": False}}
+    _write_run(tmp_path, "m", 0, df, habits, labels)
+    out = habit_breakdown(load_runs(tmp_path, "synth"))
+    scores = torch.tensor(df[["score_AU1", "score_AU2"]].to_numpy())
+    f1 = MultilabelF1Score(2, threshold=0.5, average="macro")(scores, torch.tensor(df[["target_AU1", "target_AU2"]]
+                                                                               .to_numpy()).long())
+    assert out.iloc[0]["common"] == pytest.approx(float(f1))

@@ -143,11 +143,11 @@ def aggregate(runs: list[dict]) -> pd.DataFrame:
 
 
 def _f1_mean(df: pd.DataFrame, labels: list[str]) -> float:
-    """Mean over labels of frame-based F1 (threshold 0.5, unknown targets excluded); labels without any
+    """Mean over labels of frame-based F1 (score > 0.5, unknown targets excluded); labels without any
     positive target or prediction in ``df`` are left out (F1 undefined)."""
     vals = []
     for n in labels:
-        t, p = df[f"target_{n}"].to_numpy(), df[f"score_{n}"].to_numpy() >= 0.5
+        t, p = df[f"target_{n}"].to_numpy(), df[f"score_{n}"].to_numpy() > S.AU_THRESHOLD  # as torchmetrics
         known = t >= 0
         pos = t[known] > 0.5
         tp = float((pos & p[known]).sum())
