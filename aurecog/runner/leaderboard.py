@@ -103,7 +103,8 @@ def _row_key(r: dict) -> tuple:
 
 
 def aggregate(runs: list[dict]) -> pd.DataFrame:
-    """One row per (model, protocol, profile, task, identity): per-label means and stds over seeds."""
+    """One row per (model, protocol, profile, task, identity): per-label means and sample standard deviations
+    over seeds."""
     rows = []
     groups: dict = {}
     for r in runs:
@@ -135,7 +136,7 @@ def aggregate(runs: list[dict]) -> pd.DataFrame:
                 k = n if lab is None else f"{n}/{lab}"
                 v = np.array([per_seed[s].get(k, np.nan) for s in seeds], dtype=float)
                 row[k] = float(np.nanmean(v)) if len(v) else np.nan
-                row[f"{k}_std"] = float(np.nanstd(v)) if len(v) > 1 else np.nan
+                row[f"{k}_std"] = float(np.nanstd(v, ddof=1)) if len(v) > 1 else np.nan  # sample sd over seeds
         pcc = [v for r in rs for v in (r.get("pcc_similarity") or {}).values() if v == v]
         row["pcc_similarity"] = float(np.mean(pcc)) if pcc else np.nan
         rows.append(row)
@@ -236,9 +237,9 @@ def render(dataset: str, results: Path | None = None, plots: bool = True, draws:
              f"`results/runs/{dataset}/`; do not edit by hand.", "",
              f"Every number comes with a 95% interval from a subject-level bootstrap of the stored test predictions "
              f"({draws} draws, seed {seed}; test subjects resampled within each fold, the {len(seeds)} seed(s) "
-             "pooled). *mean* is the papers' statistic; *seed sd* the spread over seeds (empty with one seed); "
-             "*vs best floor* the paired difference from the best trivial predictor, marked **at floor** when its "
-             "interval does not exclude 0.", ""]
+             "pooled). *mean* is the papers' statistic; *seed sd* the sample standard deviation over seeds (empty "
+             "with one seed); *vs best floor* the paired difference from the best trivial predictor, marked "
+             "**at floor** when its interval does not exclude 0.", ""]
     if synthetic and not reported.empty:
         lines += [f"Rows marked *reported* are the papers' numbers on {ref['dataset'].upper()} (the real dataset this "
                   "SynthAU preset mirrors), for orientation only: the data differ, so no gap is computed.", ""]
