@@ -3,7 +3,7 @@
 * ``<task>_heatmap.png``: model x label headline metric with the values printed (replaces the per-label bar chart,
   unreadable with 26 variants);
 * ``<task>_points.png``: every row's mean with its 95% bootstrap interval, each (fold, seed) cell as a dot and each
-  seed's mean as a square, the best trivial floor as a dashed line;
+  seed's mean as a square, the row's best trivial floor as a red tick;
 * ``<task>_main_models.png`` (grids with many variants): the papers' main models and the baseline per label;
 * ``claims_forest.png``: every tested claim's paired difference with its interval and the reported difference;
 * ``pcc_similarity.png`` (CISNet Fig. 5 analysis) and ``training_curves.png``.
@@ -67,13 +67,13 @@ def heatmap(dataset: str, task: str, metric: str, labels: list[str], rows: pd.Da
     return _save(fig, out / f"{task}_heatmap.png")
 
 
-def points(dataset: str, task: str, metric: str, rows: pd.DataFrame, cells: pd.DataFrame, floor: float | None,
-           floor_name: str | None, out: Path) -> Path:
+def points(dataset: str, task: str, metric: str, rows: pd.DataFrame, cells: pd.DataFrame, out: Path) -> Path:
     plt = _plt()
     scale = 100.0 if metric != "icc" else 1.0
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.8))
     folds = sorted(cells["fold"].unique()) if len(cells) else []
     colours = plt.get_cmap("tab10")
+    drawn: set = set()
     for i, (_, r) in enumerate(rows.iterrows()):
         y = len(rows) - 1 - i
         ax.plot([r[f"{metric}_lo"] * scale, r[f"{metric}_hi"] * scale], [y, y], color="black", lw=2, zorder=2)
@@ -83,12 +83,15 @@ def points(dataset: str, task: str, metric: str, rows: pd.DataFrame, cells: pd.D
             v = c[c["fold"] == f]["value"].to_numpy() * scale
             ax.scatter(v, np.full(len(v), y + 0.22), s=12, color=colours(k % 10), zorder=4,
                        label=f"fold {f}" if i == 0 else None)
+        fv = r.get("floor_value", np.nan)
+        if fv == fv:  # this row's best floor (floors depend on the protocol's test labels)
+            ax.plot([fv * scale] * 2, [y - 0.38, y + 0.38], color="tab:red", lw=1.5, zorder=1,
+                    label=f"best floor ({r['floor']})" if r["floor"] not in drawn else None)
+            drawn.add(r["floor"])
         seeds = c.groupby("seed")["value"].mean().to_numpy() * scale
         if len(seeds) > 1:
             ax.scatter(seeds, np.full(len(seeds), y - 0.22), s=16, marker="s", facecolors="none",
                        edgecolors="tab:purple", zorder=4, label="seed mean" if i == 0 else None)
-    if floor is not None and floor == floor:
-        ax.axvline(floor * scale, color="tab:red", ls="--", lw=1, label=f"best floor ({floor_name})")
     ax.set_yticks(range(len(rows)), [_row_name(r) for _, r in rows.iloc[::-1].iterrows()], fontsize=8)
     ax.set_xlabel(f"{metric} x {scale:g}: mean (diamond) with 95% bootstrap interval; dots: one (fold, seed) cell")
     ax.set_title(f"{dataset}: {task} rows, folds and seeds")

@@ -396,8 +396,7 @@ def write_plots(dataset, runs, agg, cells, floor_tables, tested, variants, out_d
         fl = [f for (t, _), fs in floor_tables.items() if t == task for f in fs]
         best = max(fl, key=lambda f: f[metric]) if fl else None
         tcells = cells[cells["row_id"].isin(tdf["row_id"])] if len(cells) else cells
-        out.append(FIG.points(dataset, task, metric, tdf, tcells, best[metric] if best else None,
-                              best["model"].removeprefix("floor: ") if best else None, out_dir))
+        out.append(FIG.points(dataset, task, metric, tdf, tcells, out_dir))
         if tdf["model"].nunique() > FIG.MANY:
             main = tdf[[bool(variants.get(m, {}).get("main")) or m == "baseline" for m in tdf["model"]]]
             if len(main):
