@@ -118,6 +118,15 @@ def test_an_override_redoes_a_finished_cell_and_a_rerun_reuses_it(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads((_run(res) / "metrics.json").read_text())
     assert m["identity"]["threads"] == 1 and m["identity"]["lock"] == I.lock_fingerprint()
+    # training prevalence for the leaderboard's floors: from the fitted subjects' frames, recomputed here
+    from aurecog.data.prepared import PreparedDataset
+    from aurecog.data.synth import generate
+
+    idx = PreparedDataset.open(generate("synth", progress=False)).index
+    fit = idx[idx["subject"].astype(str).isin(m["train_subjects"])]
+    for au, v in m["train_prevalence"].items():
+        known = fit[au][fit[au] >= 0]
+        assert v == pytest.approx(float((known == 1).mean()), abs=1e-12), au
     r = _bench(res)
     assert "1 finished cell(s) of the same identity skipped" in r.stderr
     r = _bench(res, "--set", "trainer.limit_train_batches=2", "--keep-stale")

@@ -329,6 +329,7 @@ class AUDataModule(L.LightningDataModule):
             raise C.ConfigError(f"confounder must be 'subject' or 'dataset', got {self.confounder_kind!r}")
         self.stats = self._stats(main_arrays["target"][fit_rows], subj_main[fit_rows], train_subjects,
                                  conf_col_main[fit_rows], confounders)
+        self.fit_targets = main_arrays["target"][fit_rows]  # the fitting rows' task targets (trivial floors)
         for ds, arrays in ((main, main_arrays), (test_ds, test_arrays)):
             subj = ds.index["subject"].astype(str).to_numpy()
             arrays["subject"] = np.searchsorted(self.subject_names, subj).astype(np.int64)

@@ -246,6 +246,25 @@ def initialise(model, cfg: dict, run_dir: Path, fold: int, seed: int) -> dict | 
             "mapped": len(rep["mapped"]), "kept": len(rep["kept"])}
 
 
+def train_label_summary(dm) -> dict:
+    """Training-set label statistics the leaderboard's trivial floors use: ``train_prevalence`` (AU occurrence:
+    share of known labels that are positive; expression: class frequency) or ``train_mean`` (intensity: mean
+    known level), per label, from the rows the model was fitted on."""
+    y = np.asarray(dm.fit_targets)
+    names = dm.task_spec.names
+    kind = dm.task_spec.kind
+    if kind == "expression":
+        known = y[y >= 0]
+        return {"train_prevalence": {n: float((known == j).mean()) if len(known) else float("nan")
+                                     for j, n in enumerate(names)}}
+    out = {}
+    for j, n in enumerate(names):
+        col = y[:, j]
+        col = col[col >= 0]
+        out[n] = float("nan") if not len(col) else float(col.mean() if kind == "intensity" else (col > 0.5).mean())
+    return {"train_mean" if kind == "intensity" else "train_prevalence": out}
+
+
 def check_run_dir_writable(run_dir: Path) -> None:
     """Fail before training when the run folder cannot be written (it used to fail after the test)."""
     probe = run_dir / f".write-probe-{os.getpid()}"
@@ -323,7 +342,7 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
         "pcc_similarity": pcc, "n_train": len(dm.split_rows["train"]), "n_val": len(dm.split_rows["val"]),
         "n_test": int(len(res["predictions"]["sample"])), "selected_epoch": best_epoch, "monitor": monitor,
         "epochs_run": trainer.current_epoch, "wall_time_s": round(time.time() - t0, 1),
-        "train_subjects": dm.stats.subjects,
+        "train_subjects": dm.stats.subjects, **train_label_summary(dm),
     }
     if cfg.get("synth_version") is not None:
         metrics["synth_version"] = cfg["synth_version"]
