@@ -190,7 +190,8 @@ def _file_digest(chunks: list[str]) -> str:
 
 
 def _hashed_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in _NOT_HASHED)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and p.name not in _NOT_HASHED and not p.name.startswith(VERIFIED))
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -1309,13 +1309,16 @@ def generate(preset: str = "synth", seed: int = 0, cache_dir: str | os.PathLike 
 
     An existing folder is reused only if it passes :func:`aurecog.data.prepared.verify` (``COMPLETE``, the
     manifest's sizes and hashes); a bad one (truncated, overwritten, interrupted, written before manifests) is
-    regenerated with a one-line warning. Generation holds ``<cache_dir>/<folder>.lock`` (a file lock), so
-    processes asking for the same preset at once generate it once and the others wait and reuse it.
+    regenerated with a one-line warning. An intact folder is returned without locking; otherwise the check and
+    the generation run under ``<cache_dir>/<folder>.lock`` (a file lock), so processes asking for the same
+    preset at once generate it once and the others wait and reuse it.
     ``overrides`` replaces Preset fields (e.g. ``{"n_subjects": 6}``) and gives the folder a distinct suffix.
     """
     pre = get_preset(preset, overrides)
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = out / dataset_dirname(preset, seed, overrides)
+    if _cache_problem(out) is None:  # intact: no lock needed (the usual case, and what parallel cells hit)
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out) + ".lock")
     try:
@@ -1324,7 +1327,7 @@ def generate(preset: str = "synth", seed: int = 0, cache_dir: str | os.PathLike 
         log.warning("SynthAU %s: another process is generating %s; waiting for it", preset, out)
         lock.acquire()
     try:
-        problem = _cache_problem(out)
+        problem = _cache_problem(out)  # again under the lock: another process may have just written it
         if problem is None:
             return out
         if out.exists():
