@@ -54,9 +54,12 @@ def attention_flops(q: tuple, k: tuple, v: tuple) -> int:
 
 
 def attention_backward_flops(grad_out: tuple, q: tuple, k: tuple, v: tuple) -> int:
-    """Backward attention, four matrix products: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q
-    (the forward recomputation of fused kernels is not counted, as torch's formula does not)."""
-    return 2 * attention_flops(q, k, v)
+    """Backward attention of a fused kernel, five matrix products: the recomputed scores S = Q K^T (fused
+    kernels keep no L x S matrix), dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q; the same convention as
+    torch's own formula for the CUDA kernels (and as torch 2.15's for the CPU one)."""
+    *_, length, e = q
+    *_, s, ev = v
+    return 2 * _prod(q[:-2]) * length * s * (3 * e + 2 * ev)
 
 
 def _sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
