@@ -124,7 +124,7 @@ def test_a_silent_hub_is_probed_with_a_bound(monkeypatch):
         assert backbones._hub_reachable(f"http://127.0.0.1:{server.getsockname()[1]}/w.safetensors", 0.3) is False
         assert time.perf_counter() - t0 < 1.5
     monkeypatch.setattr(backbones, "_hub_reachable", lambda *a: False)
-    with pytest.raises(PretrainedUnavailable, match="did not answer"):
+    with pytest.raises(PretrainedUnavailable, match="huggingface.co cannot be reached"):
         check_pretrained({"backbone": {"name": "resnet50", "pretrained": True}})
 
 

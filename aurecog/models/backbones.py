@@ -141,7 +141,7 @@ def resolve_pretrained(name: str, pretrained_file: str | None = None, tag: str |
     if _hub_offline():
         reason = "HF_HUB_OFFLINE is set"
     elif not _hub_reachable(_hub_url(hub_name)):
-        reason = f"{HUB_HOST} did not answer within {HUB_PROBE_TIMEOUT_S:g} s"
+        reason = f"{HUB_HOST} cannot be reached (a {HUB_PROBE_TIMEOUT_S:g} s probe failed)"
     else:
         return hub_name
     tv = TORCHVISION_FILES.get(name, ("<file>.pth",))[0]
