@@ -509,6 +509,15 @@ def test_causal_schedule_follows_the_authors_code():
     assert not torch.allclose(f.mean(1), epoch0, atol=1e-3)  # the batch mean would give another answer
 
 
+def test_a_fit_from_another_model_starts_without_the_causal_layer():
+    model = tiny_model("ac2d")
+    with torch.no_grad():  # e.g. initialised from the BP4D model (paper 4.1.3)
+        model.prototype.normal_()
+        model.prototype_ready.fill_(True)
+    model.on_train_start()
+    assert not bool(model.prototype_ready)
+
+
 def test_best_checkpoint_holds_the_prototype_it_was_validated_with(fake_root, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -58,8 +58,9 @@ Causal intervention per AU (Eqs. 8-13; notes 1.5)
     of epoch e the one of epoch e itself (refreshed at ``on_validation_epoch_start``; the authors' evaluation),
     which is also the one the checkpoint saved after that validation holds. Test uses the stored prototype, so
     predictions are independent of batch composition; a model that has never finished an epoch has none and
-    runs without the causal layer. ``causal.value: prior`` (default) is the authors' V = f_bar / N; ``mean`` is
-    Eq. 13's f_bar.
+    runs without the causal layer, and a fit from epoch 0 drops a prototype copied from another model (DISFA
+    from BP4D: the authors carry the network over, not its K/V). ``causal.value: prior`` (default) is the
+    authors' V = f_bar / N; ``mean`` is Eq. 13's f_bar.
 
 Loss (Eqs. 14-15)
     L_u: weighted BCE with w_j the normalised inverse occurrence rate and v_j = negatives / positives
@@ -628,6 +629,15 @@ class AC2D(AUModel):
                 self.bank.update(f.reshape(m * b, -1), torch.arange(m, device=f.device).repeat_interleave(b))
         finally:
             self.train(was_training)
+
+    def on_train_start(self) -> None:
+        """A fit from epoch 0 starts without the causal layer even when initialised from another model (DISFA from
+        BP4D: the authors load the network, not its K/V, and their epoch 0 has ``data_infos=None``)."""
+        super().on_train_start()
+        if self.current_epoch == 0:
+            self.prototype_ready.fill_(False)
+            if getattr(self, "bank", None) is not None:
+                self.bank.reset()
 
     def on_train_epoch_start(self) -> None:
         """A new epoch trains with the previous epoch's prototype (authors: K/V rebuilt after each epoch); if no
