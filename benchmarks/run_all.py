@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from aurecog import config as C  # noqa: E402
 from aurecog.models.complexity import FlopCounter  # noqa: E402
+from aurecog.models.backbones import no_pretrained  # noqa: E402
 from aurecog.models.registry import build_model  # noqa: E402
 from aurecog.tasks import TaskSpec, TrainStats  # noqa: E402
 
@@ -68,7 +69,10 @@ def build(variant: str, profile: str, size: int | None = None, n_conf: int | Non
     cfg = C.deep_merge(cfg, {"data": {"input_size": size}})
     task = TaskSpec("au", BP4D_AUS)
     n_conf = n_conf or N_CONFOUNDERS.get(cfg["model"]["family"], 27)
-    model = build_model(cfg, task, fake_stats(task, n_conf))
+    with no_pretrained():  # size and speed only: the paper profiles' ImageNet weights are not needed
+        model = build_model(cfg, task, fake_stats(task, n_conf))
+    if hasattr(model, "prototype_ready"):  # AC2D: causal modules in use, as after the first training epoch
+        model.prototype_ready.fill_(True)
     return model, cfg, task, size
 
 

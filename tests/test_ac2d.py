@@ -257,6 +257,9 @@ def _branch_params(model):
 def test_branch_gradients_are_isolated():
     model = tiny_model().train()
     m = 12
+    with torch.no_grad():  # a prototype from a finished epoch: the causal modules are in use
+        model.prototype.normal_()
+        model.prototype_ready.fill_(True)
     batch = random_batch()
     j = 5
     out = model(batch)
@@ -285,7 +288,9 @@ def test_eval_predictions_do_not_depend_on_the_batch(variant):
     for s in range(3):  # training batches fill the feature bank
         out = model(random_batch(seed=s))
         feats.append(out["feature"].detach())
-    model.on_validation_epoch_start()  # flush: prototype = mean training feature of the epoch
+    if variant == "ac2d-av-ces":  # C^e(s) recomputes its prototype in a pass of its own (tested below)
+        model.bank.update(torch.cat(feats).transpose(0, 1).reshape(-1, 8), torch.arange(12).repeat_interleave(12))
+    model.on_train_epoch_start()  # the next epoch: prototype = mean training feature of the epoch
     if variant != "ac2d-av-csd":
         torch.testing.assert_close(model.prototype, torch.cat(feats).mean(0), atol=1e-5, rtol=1e-5)
     assert bool(model.prototype_ready)
@@ -299,17 +304,6 @@ def test_eval_predictions_do_not_depend_on_the_batch(variant):
         mixed = model(other)["logits"][:1]
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(alone, mixed, atol=1e-5, rtol=1e-5)
-
-
-def test_static_prototype_uses_previous_epoch_in_training():
-    model = tiny_model("ac2d-av-ces").train()
-    model(random_batch(seed=0))
-    model.on_train_epoch_end()
-    proto = model.prototype.clone()
-    model(random_batch(seed=1))
-    out_a = model.causal[0](torch.zeros(1, 8), proto[:1], proto[:1])[0]
-    assert torch.equal(model._prototype(torch.randn(12, 4, 8)), proto)  # not the batch mean
-    assert out_a.shape == (1, 8)
 
 
 def test_output_shapes_for_intensity_and_expression():
@@ -391,7 +385,7 @@ def test_fit_and_test_end_to_end(fake_root):
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         num_sanity_val_steps=0, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
-    assert bool(model.prototype_ready)
+    assert not bool(model.prototype_ready)  # epoch 0 trains and validates without the causal layer (authors)
     trainer.test(model, datamodule=dm, verbose=False)
     metrics = model.test_results["metrics"]
     assert 0.0 <= float(metrics["f1"]) <= 1.0 and "f1/AU12" in metrics
@@ -474,3 +468,101 @@ def test_runner_init_option_reads_labels_from_the_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"2-0/checkpoints/best.ckpt; train that cell first.*--dataset bp4d"):
         initialise(dst, cfg, here / "2-0", fold=2, seed=0)
     assert initialise(dst, {"model": {"name": "ac2d"}}, here / "0-0", 0, 0) is None
+
+
+# --------------------------------------------------------------------------- recipe (issue 16)
+def test_weight_decay_groups_count_the_authors_elements():
+    """ResT's get_parameter_groups (authors' optim_factory): no decay on biases and 1-d parameters. Our branch-batched
+    LayerNorm gains are (m, c), so they must be recognised as norm gains: 3,558,560 decayed elements at paper size
+    (12 AUs), the count of the authors' per-branch modules; 3,568,928 would decay the 10,368 batched gains."""
+    model = build_model(resolve("ac2d", "synth", "paper"), TaskSpec("au", BP4D_AUS), toy_stats(12))
+    groups = model.param_groups()
+    decayed = [g for g in groups if g.get("weight_decay") is None]
+    assert sum(p.numel() for g in decayed for p in g["params"]) == 3_558_560
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    ids = {id(p) for g in decayed for p in g["params"]}
+    assert id(model.net.stage3[0].norm1.weight) not in ids and id(model.net.stage3[0].fc1.weight) in ids
+
+
+def _causal_logits(model, f, proto):
+    """Eqs. 10-13 with the authors' values V = f_bar / N: logits from branch features f (m, B, c)."""
+    n = model.stats.n_train
+    y = torch.stack([mod(f[j], proto[j:j + 1], proto[j:j + 1] / n)[0] for j, mod in enumerate(model.causal)])
+    return model.head(y)[..., 0].T
+
+
+def test_causal_schedule_follows_the_authors_code():
+    """Epoch 0 trains without the causal layer; from epoch 1 on the prototype is the previous epoch's mean feature
+    (values divided by the training-set size), not the current mini-batch mean."""
+    model = tiny_model("ac2d").train()
+    model.net.eval()  # no drop path: features reproducible
+    feats = []
+    for s in range(2):  # epoch 0
+        b = random_batch(seed=s)
+        out = model(b)
+        feats.append(out["feature"].detach())
+        f = out["feature"].transpose(0, 1)
+        torch.testing.assert_close(out["logits"], model.head(f)[..., 0].T)  # no causal layer
+    model.on_train_epoch_start()  # epoch 1 starts: the prototype is epoch 0's mean feature
+    epoch0 = torch.cat(feats).mean(0)
+    torch.testing.assert_close(model.prototype, epoch0, atol=1e-5, rtol=1e-5)
+    b = random_batch(seed=5)
+    out = model(b)
+    f = out["feature"].transpose(0, 1).detach()
+    torch.testing.assert_close(out["logits"], _causal_logits(model, f, epoch0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(f.mean(1), epoch0, atol=1e-3)  # the batch mean would give another answer
+
+
+def test_a_fit_from_another_model_starts_without_the_causal_layer():
+    model = tiny_model("ac2d")
+    with torch.no_grad():  # e.g. initialised from the BP4D model (paper 4.1.3)
+        model.prototype.normal_()
+        model.prototype_ready.fill_(True)
+    model.on_train_start()
+    assert not bool(model.prototype_ready)
+
+
+def test_best_checkpoint_holds_the_prototype_it_was_validated_with(fake_root, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Used(L.Callback):
+        def __init__(self):
+            self.by_epoch = {}
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.by_epoch[trainer.current_epoch] = (pl_module.prototype.clone(), bool(pl_module.prototype_ready))
+
+    dm = _dm(fake_root)
+    L.seed_everything(0)
+    model = build_model(tiny_cfg(), dm.task_spec, dm.stats)
+    used = Used()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor=model.monitor, mode="max", save_top_k=1,
+                           enable_version_counter=False)
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        enable_model_summary=False, callbacks=[used, ckpt])
+    trainer.fit(model, datamodule=dm)
+    epoch = torch.load(tmp_path / "best.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    loaded = AC2D.load_from_checkpoint(tmp_path / "best.ckpt", map_location="cpu")
+    proto, ready = used.by_epoch[epoch]
+    assert bool(loaded.prototype_ready) == ready == (epoch >= 1)  # epoch 0 validates without the causal layer
+    torch.testing.assert_close(loaded.prototype, proto, rtol=0, atol=0)
+    assert used.by_epoch[2][1] and not torch.equal(used.by_epoch[2][0], used.by_epoch[1][0])
+
+
+def test_static_prototype_is_recomputed_with_the_current_weights(fake_root):
+    """C^e(s) (Table 8): 'computed at the end of each training epoch' with the current parameters: after the fit,
+    the prototype is the mean eval-mode feature of the training set under the final weights."""
+    dm = AUDataModule(dataset_config(), fold=0, data_root=str(fake_root), input_size=32, batch_size=8,
+                      eval_batch_size=16, progress=False, augment={"enabled": False})
+    dm.setup()
+    L.seed_everything(0)
+    model = build_model(tiny_cfg("ac2d-av-ces"), dm.task_spec, dm.stats)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    model.eval()
+    loader = torch.utils.data.DataLoader(dm.dataset("train"), batch_size=7)  # every training sample once
+    with torch.no_grad():
+        feats = torch.cat([model(b)["feature"] for b in loader])
+    assert len(feats) == len(dm.split_rows["train"]) and bool(model.prototype_ready)
+    torch.testing.assert_close(model.prototype, feats.mean(0), atol=1e-5, rtol=1e-5)

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from aurecog.config import model_variants, resolve
 from aurecog.data.datamodule import AUDataModule
+from aurecog.models.backbones import no_pretrained
 from aurecog.models.cisnet import BANK_ONLY_MONITOR_VALUE, CISNet
 from aurecog.models.registry import build_model
 from aurecog.tasks import TaskSpec, TrainStats
@@ -63,8 +64,9 @@ def test_dictionary_is_subject_mean_and_sample_share():
     stream = [(torch.randn(4, 3, 24, 24, generator=g), torch.tensor(s))
               for s in ([0, 2, 2, -1], [1, 0, 2, 2], [2, -1, 0, 2])]
     for i, (img, subj) in enumerate(stream):
-        assert model.training_step({"image": img, "train_subject": subj, "confounder": subj}, i) is None
-    model.on_train_epoch_end()
+        loss = model.training_step({"image": img, "train_subject": subj, "confounder": subj}, i)
+        assert loss.item() == 0.0 and not loss.requires_grad  # bank-only: nothing to back-propagate
+    model.on_train_epoch_start()  # the next epoch builds the dictionary from this epoch's bank
     feats, subjects = [], []
     with torch.no_grad():
         for img, subj in stream:
@@ -87,7 +89,7 @@ def test_dataset_confounder_uses_confounder_index():
     batch = {"image": torch.randn(3, 3, 24, 24), "train_subject": torch.tensor([-1, -1, -1]),
              "confounder": torch.tensor([1, 1, 0]), "target": torch.tensor([0, 2, -1])}
     model.training_step(batch, 0)
-    model.on_train_epoch_end()
+    model.on_train_epoch_start()
     torch.testing.assert_close(model.priors, torch.tensor([1 / 3, 2 / 3]))
     out = model(batch)
     assert out["logits"].shape == (3, 3) and out["attention"].shape == (3, 2)
@@ -97,7 +99,8 @@ def test_dataset_confounder_uses_confounder_index():
 
 
 def test_without_cis_differs_only_by_the_cis_module():
-    """Table 3 'w/o CIS': same backbone/projector/classifier, f_cur straight to the classifier, no bank-only epoch."""
+    """Table 3 'w/o CIS': same backbone/projector/classifier, f_cur straight to the classifier; the same
+    update-free first epoch (so both take the same optimiser steps)."""
     stats = _stats(3)
     with_cis = _quick_model(stats)
     torch.manual_seed(0)
@@ -106,7 +109,7 @@ def test_without_cis_differs_only_by_the_cis_module():
     d, dm = with_cis.prototypes.shape[1], with_cis.cis.d_m
     assert n_cis == 2 * (d * dm + dm) + 2 * (d * d + d)  # W_Q, W_K (d -> d_m), W_X, W_S (d -> d)
     assert sum(p.numel() for p in wo.parameters()) == sum(p.numel() for p in with_cis.parameters()) - n_cis
-    assert wo.cis is None and not wo.bank_only() and with_cis.bank_only()
+    assert wo.cis is None and wo.bank_only() and with_cis.bank_only()
     img = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         out = wo({"image": img})
@@ -188,11 +191,11 @@ def fitted(tmp_path_factory):
             if trainer.current_epoch == 0:
                 self.val0 = float(trainer.callback_metrics[pl_module.monitor])
 
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 1:
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 0:  # after the module built the epoch-0 dictionary
                 self.after0 = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
                 self.opt_state0 = len(trainer.optimizers[0].state)
-                self.step0 = trainer.global_step
+                self.sched0 = trainer.lr_scheduler_configs[0].scheduler.last_epoch
                 self.ready0 = bool(pl_module.dictionary_ready)
 
     rec = Record()
@@ -204,7 +207,8 @@ def fitted(tmp_path_factory):
 
 def test_first_epoch_changes_no_weights(fitted):
     rec, initial, model = fitted["rec"], fitted["initial"], fitted["model"]
-    assert rec.step0 == 0 and rec.opt_state0 == 0  # no optimiser step, no momentum buffers
+    assert rec.opt_state0 == 0  # no optimiser step: no momentum buffers
+    assert rec.sched0 == 0  # the schedule waits for the first real step
     assert rec.ready0  # the dictionary exists after the bank-only epoch
     changed = [k for k, v in rec.after0.items() if not torch.equal(v, initial[k])]
     assert changed == []
@@ -259,7 +263,8 @@ def test_ddp_two_processes_give_the_single_process_dictionary(tmp_path):
 
 def test_paper_size_resnet34_params_and_macs():
     """CISNet-ResNet34, 12 AUs, 256 x 256 input: 22.4M parameters, 4.8G multiply-accumulates."""
-    model = build_model(resolve("cisnet", "synth", "paper"), TaskSpec("au", BP4D_AUS), _stats(27)).eval()
+    with no_pretrained():  # the architecture only: no ImageNet file needed
+        model = build_model(resolve("cisnet", "synth", "paper"), TaskSpec("au", BP4D_AUS), _stats(27)).eval()
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - PAPER_PARAMS) / PAPER_PARAMS < 0.05
     with torch.no_grad():
@@ -271,3 +276,99 @@ def test_paper_size_resnet34_params_and_macs():
     assert out["attention"].shape == (1, 27)
     macs = fc.get_total_flops() / 2
     assert abs(macs - PAPER_MACS) / PAPER_MACS < 0.10
+
+
+# --------------------------------------------------------------------------- recipe controls (issue 16)
+def _fit_quick(tmp, variant: str, max_epochs: int = 3, checkpoint_dir: Path | None = None, callbacks=()):
+    """Fit a quick-profile CISNet variant on a tiny fake dataset (cosine schedule without warm-up)."""
+    if not (tmp / "fake").exists():
+        make_prepared(tmp / "fake", n_subjects=6, per_subject=8, size=28)
+    dm = AUDataModule(dataset_config(), fold=0, data_root=str(tmp), input_size=24, batch_size=8, progress=False)
+    dm.setup()
+    cfg = resolve(variant, "synth", "quick", {"schedule": {"name": "cosine", "warmup_epochs": 0, "final_factor": 0.0},
+                                              "trainer": {"max_epochs": max_epochs}})
+    L.seed_everything(0)
+    model = build_model(cfg, dm.task_spec, dm.stats)
+    cbs = list(callbacks)
+    if checkpoint_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        cbs.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=model.monitor, mode="max",
+                                   save_top_k=1, enable_version_counter=False))
+    trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=checkpoint_dir is not None,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=cbs)
+    trainer.fit(model, datamodule=dm)
+    return model, trainer
+
+
+def test_table3_pair_takes_the_same_steps_and_a_schedule_sized_by_them(tmp_path):
+    """w/ and w/o CIS (Table 3) take the same optimiser steps (both spend epoch 0 without an update) and the
+    cosine schedule ends at its final factor after the last step actually taken (not part-way)."""
+    runs = {v: _fit_quick(tmp_path, v) for v in ("cisnet-resnet18", "cisnet-resnet18-wo")}
+    updates = {}
+    for v, (model, trainer) in runs.items():
+        assert model.automatic_optimization  # the base class's step, logging, clipping and scheduler paths
+        sched = trainer.lr_scheduler_configs[0].scheduler
+        # global_step also counts the bank-only epoch's batches, in which neither weights nor schedule move
+        updates[v] = trainer.global_step - trainer.num_training_batches
+        assert sched.last_epoch == updates[v] == 2 * trainer.num_training_batches, v
+        assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12), v  # cosine factor at its end: 0
+    assert runs["cisnet-resnet18"][1].global_step == runs["cisnet-resnet18-wo"][1].global_step
+
+
+def test_best_checkpoint_holds_the_dictionary_it_was_validated_with(tmp_path):
+    class Used(L.Callback):
+        def __init__(self):
+            self.by_epoch = {}
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.by_epoch[trainer.current_epoch] = (pl_module.prototypes.clone(), pl_module.priors.clone())
+
+    used = Used()
+    _fit_quick(tmp_path, "cisnet-resnet18", max_epochs=3, checkpoint_dir=tmp_path / "ckpt", callbacks=[used])
+    ckpt = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] >= 1  # a validated epoch (epoch 0 only fills the banks)
+    loaded = CISNet.load_from_checkpoint(tmp_path / "ckpt" / "best.ckpt", map_location="cpu")
+    protos, priors = used.by_epoch[ckpt["epoch"]]
+    torch.testing.assert_close(loaded.prototypes, protos, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.priors, priors, rtol=0, atol=0)
+
+
+def test_loss_pos_weight_is_read_or_refused():
+    """``loss.pos_weight`` (the base class's balanced BCE) is not silently ignored: it conflicts with Eq. 6's
+    weighting, and replaces it when ``loss.au_weighting: none``."""
+    stats = _stats(3)
+    cfg = resolve("cisnet-resnet18", "synth", "quick", {"loss": {"pos_weight": "balanced"}})
+    with pytest.raises(ValueError, match="loss.pos_weight"):
+        build_model(cfg, TaskSpec("au", BP4D_AUS), stats)
+    cfg = resolve("cisnet-resnet18", "synth", "quick", {"loss": {"pos_weight": "balanced", "au_weighting": "none"}})
+    model = build_model(cfg, TaskSpec("au", BP4D_AUS), stats)
+    logits, target = torch.randn(4, 12), (torch.rand(4, 12) < 0.4).float()
+    loss, _ = model.compute_loss({"logits": logits}, {"target": target})
+    pos = torch.tensor(stats.n_neg, dtype=torch.float32) / torch.tensor(stats.n_pos, dtype=torch.float32)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=pos)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_paper_profile_initialises_from_imagenet_and_checkpoints_need_no_weights(tmp_path):
+    """The paper profile asks for torchvision's ImageNet ResNet-34 (the authors' initialisation); a trained
+    checkpoint reloads without the ImageNet file (its weights come from the checkpoint)."""
+    import torchvision
+
+    paper = resolve("cisnet", "synth", "paper")
+    assert paper["backbone"]["pretrained"] is True and paper["backbone"]["pretrained_tag"] == "tv_in1k"
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(tv.state_dict(), path)
+    cfg = resolve("cisnet-resnet18", "synth", "quick",
+                  {"backbone": {"channels": None, "pretrained": True, "pretrained_file": str(path)}})
+    model = build_model(cfg, TaskSpec("au", BP4D_AUS), _stats(3))
+    torch.testing.assert_close(model.backbone.conv1.weight, tv.conv1.weight)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    path.unlink()
+    loaded = CISNet.load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu")
+    torch.testing.assert_close(loaded.backbone.conv1.weight, tv.conv1.weight)

@@ -39,17 +39,28 @@ Causal intervention per AU (Eqs. 8-13; notes 1.5)
     the sample prototypes into ONE key, so the softmax is over a single element and is identically 1: E_z[g(z)]
     = f_bar^(j) and W_Q, W_K receive no gradient. We implement the equations as written (the projections are
     kept: they give the paper's parameter count, 74,880 per AU at c = 64) and say so here.
-    Prototype f_bar^(j):
-      * C^e(d) (AC²D, ``causal.mode: branch_dynamic``): the mean AU feature of the current training mini-batch.
-      * C^e(s) (``branch_static``): the mean AU feature over the previous training epoch (falls back to the
-        mini-batch mean in the first epoch, when no epoch has finished).
+    Prototype f_bar^(j), against the paper's wording (Table 8 caption, 4.3): the paper says C^e(d) computes
+    f_s^(j) "at each mini-batch during training" and C^e(s) "at the end of each training epoch" "using current
+    model parameters". The authors' train.py (notes 1.5) accumulates the per-AU features of every training
+    mini-batch and at the end of the epoch sets K = their mean, V = K / N (N = training-set size; P(z_s) = 1/N of
+    Eq. 11); epoch 0 trains without the causal layer (``data_infos=None``, the feature goes straight to the head)
+    and every later epoch, and the evaluation after it, uses the latest K/V. We follow the code:
+      * C^e(d) (AC²D, ``causal.mode: branch_dynamic``): the mean of the previous training epoch's mini-batch
+        features (a :class:`FeatureBank` filled by the training forwards), i.e. features computed "at each
+        mini-batch", averaged once per epoch.
+      * C^e(s) (``branch_static``): at the end of each training epoch a pass over every training sample with the
+        current weights (eval mode) gives the mean (:meth:`AC2D._static_pass`), the paper's description.
       * C^s(d) (``shared_dynamic``): one module on the shared rich feature, applied token-wise, whose prototype
-        is the mini-batch mean feature map (one key per spatial position); branches then have no causal module.
-    Evaluation never uses the evaluated batch: the prototype is the mean training feature accumulated over the
-    last training epoch (a :class:`FeatureBank`, flushed into the ``prototype`` buffer when validation or test
-    starts and at the end of a training epoch, so checkpoints carry it). Predictions are therefore independent
-    of batch composition. ``causal.value: prior`` uses the authors' code value V = f_bar / N (N = training set
-    size, notes 1.5) instead of Eq. 13's f_bar.
+        is the previous epoch's mean feature map (one key per spatial position); branches then have no causal
+        module.
+    Schedule (all modes): epoch 0 runs without the causal layer, in training and validation. From epoch 1 on,
+    training uses the prototype of the previous epoch (refreshed at ``on_train_epoch_start``) and the validation
+    of epoch e the one of epoch e itself (refreshed at ``on_validation_epoch_start``; the authors' evaluation),
+    which is also the one the checkpoint saved after that validation holds. Test uses the stored prototype, so
+    predictions are independent of batch composition; a model that has never finished an epoch has none and
+    runs without the causal layer, and a fit from epoch 0 drops a prototype copied from another model (DISFA
+    from BP4D: the authors carry the network over, not its K/V). ``causal.value: prior`` (default) is the
+    authors' V = f_bar / N; ``mean`` is Eq. 13's f_bar.
 
 Loss (Eqs. 14-15)
     L_u: weighted BCE with w_j the normalised inverse occurrence rate and v_j = negatives / positives
@@ -529,8 +540,13 @@ class AC2D(AUModel):
         self.causal_mode = c.get("mode", "branch_dynamic")
         if self.causal_mode not in CAUSAL_MODES:
             raise ValueError(f"ac2d.causal.mode must be one of {CAUSAL_MODES}")
-        self.causal_value = c.get("value", "mean")
-        self.detach_prototype = bool(c.get("detach_prototype", True))
+        self.causal_value = c.get("value", "prior")
+        if self.causal_value not in ("prior", "mean"):
+            raise ValueError(f"ac2d.causal.value must be 'prior' (authors: f_bar / N) or 'mean' (Eq. 13), "
+                             f"got {self.causal_value!r}")
+        if "detach_prototype" in c:
+            raise ValueError("ac2d.causal.detach_prototype was removed: prototypes are epoch means (constants); "
+                             "delete the key")
         d_m = CAUSAL_DM_FACTOR * self.width
         if self.causal_mode.startswith("branch"):
             self.causal = nn.ModuleList([PrototypeAttention(self.width, d_m, self.width) for _ in range(m)])
@@ -544,6 +560,7 @@ class AC2D(AUModel):
             self.bank = FeatureBank(1, side * side * self.width)
             self.register_buffer("prototype", torch.zeros(side * side, self.width))
         self.register_buffer("prototype_ready", torch.zeros((), dtype=torch.bool))
+        self._static_step = -1  # global step of the last C^e(s) pass
         levels = self.task.levels if self.task.kind == "intensity" else 1
         self.head = BLinear(m, self.width, levels)
         if self.task.kind == "au":
@@ -555,33 +572,89 @@ class AC2D(AUModel):
     def _value_scale(self) -> float:
         return 1.0 / max(self.stats.n_train, 1) if self.causal_value == "prior" else 1.0
 
-    def _flush_bank(self) -> None:
-        """Move the training features accumulated since the last flush into the ``prototype`` buffer."""
+    def param_groups(self) -> list[dict]:
+        """The base class's groups with the branch-batched LayerNorm gains (m, c) counted as norm gains: with
+        ``optim.no_decay_norm_bias`` they are not decayed, as the authors' per-branch 1-d gains (ResT
+        ``get_parameter_groups``: no decay on biases and 1-d parameters; 3,558,560 decayed elements for 12 AUs)."""
+        groups = super().param_groups()
+        if not self.cfg.get("optim", {}).get("no_decay_norm_bias", False):
+            return groups
+        gains = {id(mod.weight) for mod in self.modules() if isinstance(mod, BLayerNorm)}
+        decay = [p for p in groups[0]["params"] if id(p) not in gains]
+        moved = [p for p in groups[0]["params"] if id(p) in gains]
+        no_decay = (groups[1]["params"] if len(groups) > 1 else []) + moved
+        return [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+
+    def _refresh_prototype(self) -> None:
+        """Set the ``prototype`` buffer: the mean feature of the training epoch just finished (the bank filled by
+        the training forwards), or for ``branch_static`` a pass over the training set with the current weights."""
         bank = getattr(self, "bank", None)
-        if bank is None or bank.counts.sum() == 0:
+        if bank is None:
+            return
+        if self.causal_mode == "branch_static" and self._trainer is not None:
+            if self.current_epoch < 1 or self._static_step == self.global_step:
+                return  # nothing trained yet, or already computed with these weights
+            bank.reset()
+            self._static_pass()
+            self._static_step = self.global_step
+        if bank.counts.sum() == 0:
             return
         bank.sync()
         self.prototype.copy_(bank.means().reshape(self.prototype.shape))
         self.prototype_ready.fill_(True)
         bank.reset()
 
+    @torch.no_grad()
+    def _static_pass(self) -> None:
+        """C^e(s): bank the eval-mode features of every training sample once (this rank's share under DDP), as the
+        training transform presents them; in order, nothing dropped (unlike the shuffled training loader)."""
+        from torch.utils.data import DataLoader
+
+        dm = self.trainer.datamodule
+        ds = dm.dataset("train")
+        sampler = None
+        if self.trainer.world_size > 1:
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(ds, num_replicas=self.trainer.world_size,
+                                                   rank=self.trainer.global_rank, shuffle=False)
+        loader = DataLoader(ds, batch_size=dm.eval_batch_size, shuffle=False, sampler=sampler,
+                            num_workers=dm.num_workers)
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in loader:
+                f, _, _ = self.net.branches(self.net.trunk(batch["image"].to(self.device)))
+                m, b = f.shape[:2]
+                self.bank.update(f.reshape(m * b, -1), torch.arange(m, device=f.device).repeat_interleave(b))
+        finally:
+            self.train(was_training)
+
+    def on_train_start(self) -> None:
+        """A fit from epoch 0 starts without the causal layer even when initialised from another model (DISFA from
+        BP4D: the authors load the network, not its K/V, and their epoch 0 has ``data_infos=None``)."""
+        super().on_train_start()
+        if self.current_epoch == 0:
+            self.prototype_ready.fill_(False)
+            if getattr(self, "bank", None) is not None:
+                self.bank.reset()
+
+    def on_train_epoch_start(self) -> None:
+        """A new epoch trains with the previous epoch's prototype (authors: K/V rebuilt after each epoch); if no
+        validation has refreshed it yet (epoch 1, or no validation), refresh it now from the bank."""
+        self._refresh_prototype()
+
     def on_validation_epoch_start(self) -> None:
-        self._flush_bank()
+        """From epoch 1 on (once the causal layer is in use) validation uses the latest prototype, that of the
+        epoch just trained (authors' evaluation); the checkpoint saved after it holds that prototype. Epoch 0's
+        validation, like its training, runs without the causal layer."""
+        if bool(self.prototype_ready) and not (self._trainer is not None and self.trainer.sanity_checking):
+            self._refresh_prototype()
 
-    def on_test_epoch_start(self) -> None:
-        self._flush_bank()
-
-    def on_train_epoch_end(self) -> None:
-        self._flush_bank()
-
-    def _prototype(self, feats: Tensor) -> Tensor:
-        """Prototype f_bar: per-branch (m, c) or shared map (N, c), from ``feats`` (m, B, c) / (B, N, c)."""
-        batch_dim = 1 if self.causal_mode.startswith("branch") else 0
-        use_batch = self.training and (self.causal_mode != "branch_static" or not bool(self.prototype_ready))
-        if use_batch:
-            proto = feats.mean(batch_dim)
-            return proto.detach() if self.detach_prototype else proto
-        return self.prototype.to(feats.dtype)
+    def _prototype(self) -> Tensor | None:
+        """The prototype f_bar, per branch (m, c) or a shared map (N, c); None (no causal layer) until the first
+        training epoch has finished (the authors' epoch 0 runs without it: ``data_infos=None``)."""
+        return self.prototype if bool(self.prototype_ready) else None
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict, return_attention: bool = False) -> dict:
@@ -595,23 +668,25 @@ class AC2D(AUModel):
         if self.causal_mode == "shared_dynamic":
             b, c, h, w = shared.shape
             tok = shared.flatten(2).transpose(1, 2)  # B N c
-            proto = self._prototype(tok)  # N c
+            proto = self._prototype()  # N c
             if self.training:
                 self.bank.update(tok.detach().reshape(b, -1), torch.zeros(b, dtype=torch.long, device=tok.device))
-            keys = proto[None].expand(b, -1, -1).reshape(b * h * w, 1, c)
-            y, _ = self.causal(tok.reshape(b * h * w, c), keys, keys * self._value_scale())
-            shared = y.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
+            if proto is not None:
+                keys = proto.to(tok.dtype)[None].expand(b, -1, -1).reshape(b * h * w, 1, c)
+                y, _ = self.causal(tok.reshape(b * h * w, c), keys, keys * self._value_scale())
+                shared = y.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
         f, grid, extra = self.net.branches(shared, stats)
         out: dict = {"feature": f.transpose(0, 1), "grid": grid}
         if self.causal_mode.startswith("branch"):
-            proto = self._prototype(f)  # m c
-            if self.training:
+            proto = self._prototype()  # m c
+            if self.training and self.causal_mode == "branch_dynamic":
                 m, b = f.shape[:2]
                 groups = torch.arange(m, device=f.device).repeat_interleave(b)
                 self.bank.update(f.detach().reshape(m * b, -1), groups)
-            scale = self._value_scale()
-            f = torch.stack([mod(f[j], proto[j:j + 1], proto[j:j + 1] * scale)[0]
-                             for j, mod in enumerate(self.causal)])  # Eqs. 10-13
+            if proto is not None:
+                proto, scale = proto.to(f.dtype), self._value_scale()
+                f = torch.stack([mod(f[j], proto[j:j + 1], proto[j:j + 1] * scale)[0]
+                                 for j, mod in enumerate(self.causal)])  # Eqs. 10-13
         logits = self.head(f)  # m B levels
         if self.task.kind == "intensity":
             out["logits"] = logits.permute(1, 0, 2)

@@ -19,6 +19,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from aurecog.metrics import PerSubjectPCCSimilarity, TaskMetrics
+from aurecog.models.backbones import no_pretrained
 from aurecog.models.losses import intensity_scores, task_loss
 from aurecog.tasks import TaskSpec, TrainStats
 
@@ -59,6 +60,12 @@ class AUModel(L.LightningModule):
         self.test_pcc = PerSubjectPCCSimilarity() if self.task.kind == "au" else None
         self.test_predictions = PredictionCollector()
         self.test_results: dict | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, *args, **kwargs):
+        """Lightning's, with the network built without ImageNet weights (the checkpoint's replace them)."""
+        with no_pretrained():
+            return super().load_from_checkpoint(*args, **kwargs)
 
     # ------------------------------------------------------------------ model API
     def forward(self, batch: dict) -> dict:  # pragma: no cover - abstract
@@ -161,6 +168,14 @@ class AUModel(L.LightningModule):
     def configure_optimizers(self):
         return build_optimizer(self, self.param_groups(), self.cfg)
 
+    def schedule_span(self) -> tuple[int, int]:
+        """(optimiser steps, epochs) the per-step LR schedule is sized for: the trainer's estimate over all epochs.
+        A model that takes no step in some epochs (CISNet's bank-only first epoch) overrides it."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return 1000, 1
+        return max(1, int(trainer.estimated_stepping_batches)), max(1, trainer.max_epochs or 1)
+
 
 def build_optimizer(module: L.LightningModule, groups: list[dict], cfg: dict):
     """Optimiser + per-step LR schedule from ``cfg['optim']`` and ``cfg['schedule']``."""
@@ -189,9 +204,7 @@ def build_schedule(opt: torch.optim.Optimizer, module: L.LightningModule, s: dic
     name = (s or {}).get("name", "constant")
     if name == "constant":
         return None
-    trainer = getattr(module, "_trainer", None)
-    total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1000
-    epochs = max(1, trainer.max_epochs) if trainer is not None and trainer.max_epochs else 1
+    total, epochs = module.schedule_span()
     warmup = int(round(float(s.get("warmup_epochs", 0)) * total / epochs))
     final = float(s.get("final_factor", 0.0))
 
