@@ -42,6 +42,7 @@ def cmd_bench(a) -> int:
                         task=a.task)
     if a.launcher != "slurm":
         _check_devices(cells)
+    _check_pretrained(cells)
     mode = _wandb_mode(a.wandb)
     _check_data(a.dataset, a.data_root)
     c0 = cells[0].config
@@ -80,6 +81,22 @@ def _check_devices(cells) -> None:
     if isinstance(devices, int) and devices > 1 and t.get("accelerator") == "gpu" and \
             torch.cuda.device_count() < devices:
         raise SystemExit(f"error: trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible")
+
+
+def _check_pretrained(cells) -> None:
+    """ImageNet weights a paper profile needs are found (file, weights folder, cache or hub) before any cell
+    trains; otherwise one line naming the option to set."""
+    from aurecog.models.backbones import PretrainedUnavailable, check_pretrained
+
+    seen = set()
+    for c in cells:
+        if c.model in seen:
+            continue
+        seen.add(c.model)
+        try:
+            check_pretrained(c.config)
+        except PretrainedUnavailable as e:
+            raise SystemExit(f"error: {c.model}: {e}") from None
 
 
 def _check_data(dataset: str, data_root: str | None) -> None:

@@ -739,6 +739,7 @@ def complexity(num_aus: int = 12, image_size: int = 176, cfg: dict | None = None
     stats = TrainStats(n_train=1, label_rate=[0.5] * num_aus, n_pos=[1] * num_aus, n_neg=[1] * num_aus,
                        label_corr=[[1.0]], subjects=["s"], subject_counts=[1])
     model = AC2D(task, stats, cfg or {"ac2d": {}}).eval()
+    model.prototype_ready.fill_(True)  # count the causal modules (a fresh model skips them until epoch 1)
     params = sum(p.numel() for p in model.parameters())
     batch = {"image": torch.zeros(1, 3, image_size, image_size)}
     with torch.no_grad(), FlopCounter() as fc:
