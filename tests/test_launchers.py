@@ -99,7 +99,8 @@ def _gone_within(tmp_path: Path, seconds: float, exclude: set[int] = frozenset()
 
 
 LONG = ["--set", "trainer.max_epochs=100"]  # cells that never finish during a test (they are paused meanwhile)
-KINDS = ("SIGTERM", "SIGINT", "SIGKILL", "second-runner")
+KINDS = ("SIGTERM", "SIGINT", "SIGKILL", "second-runner", "wandb")
+WANDB = ("SIGTERM", "wandb")  # runners logging to W&B offline
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,8 @@ def runners(tmp_path_factory):
     """One runner per test below, all started at once (their start-up, mostly imports, overlaps); each cell is
     paused (SIGSTOP) as soon as it is up, so the waiting cells cost no CPU, and resumed by its test."""
     started = {k: (tmp_path_factory.mktemp(k.lower()), None) for k in KINDS}
-    started = {k: (d, _start(d, *LONG)) for k, (d, _) in started.items()}
+    started = {k: (d, _start(d, *LONG, *(["--wandb", "offline"] if k in WANDB else []),
+                             wandb="offline" if k in WANDB else "disabled")) for k, (d, _) in started.items()}
     yield started
     for d, r in started.values():
         for pid in _procs(str(d)):
@@ -131,6 +133,8 @@ def _ready(runners, kind: str) -> tuple[Path, subprocess.Popen, int]:
 def test_a_signal_to_the_runner_leaves_no_cell_running(runners, sig):
     tmp_path, runner, cell = _ready(runners, sig.name)
     time.sleep(1.0)  # into the cell's imports / training
+    if sig.name in WANDB:
+        _wait_wandb_run(_run_dir(tmp_path), runner)
     os.kill(runner.pid, sig)  # the runner only, as `kill` or Ctrl-C in its terminal would
     rc = runner.wait(timeout=30)
     left = _gone_within(tmp_path, 5.0)
@@ -140,8 +144,14 @@ def test_a_signal_to_the_runner_leaves_no_cell_running(runners, sig):
         assert rc == 128 + sig, out
         assert f"runner interrupted by {sig.name}: stopped 1 running cell(s)" in out, out
     assert not (_run_dir(tmp_path) / "metrics.json").exists()
-    lock = CellLock(_run_dir(tmp_path))
-    assert lock.acquire(), "the cell's lock outlived it"  # released with the cell: a rerun can train it
+    if sig.name in WANDB:  # the runner marked its interrupted cell's W&B run: `wandb sync .../offline-run-*` skips it
+        wdir = _run_dir(tmp_path) / "wandb"
+        assert not list(wdir.glob("offline-run-*")) and len(list(wdir.glob("interrupted-offline-run-*"))) == 1
+    lock = CellLock(_run_dir(tmp_path))  # released with the cell (its last descriptor closes as it exits)
+    deadline = time.time() + 5
+    while not lock.acquire() and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.fd is not None, "the cell's lock outlived it"
     lock.close()
 
 
@@ -161,25 +171,24 @@ def test_a_second_runner_does_not_train_a_cell_in_training(runners):
     _cleanup(tmp_path, first)  # its cell would train on, slowing the tests after this one
 
 
-def test_an_interrupted_cells_wandb_run_is_marked_and_one_run_per_cell_syncs(tmp_path):
-    """SIGKILL (no handler runs): the rerun marks the dead attempt's offline run; SIGTERM: the runner marks it."""
+def _wait_wandb_run(run: Path, runner: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while not list((run / "wandb").glob("offline-run-*")) and time.time() < deadline:
+        assert runner.poll() is None
+        time.sleep(0.1)
+    assert list((run / "wandb").glob("offline-run-*")), "no W&B offline run appeared"
+
+
+def test_an_interrupted_cells_wandb_run_is_marked_and_one_run_per_cell_syncs(runners):
+    """SIGKILL: no handler runs, so the rerun marks the dead attempt's offline run before it starts the cell (the
+    SIGTERM test above checks that a runner stopped by a signal marks it itself)."""
+    tmp_path, runner, _ = _ready(runners, "wandb")
     run = _run_dir(tmp_path)
-    for sig in (signal.SIGKILL, signal.SIGTERM):
-        runner = _start(tmp_path, "--wandb", "offline", wandb="offline")
-        try:
-            _wait_cell(tmp_path, runner)
-            deadline = time.time() + 300
-            while not list((run / "wandb").glob("offline-run-*")) and time.time() < deadline:
-                assert runner.poll() is None, (tmp_path / "runner.out").read_text()
-                time.sleep(0.1)
-            assert list((run / "wandb").glob("offline-run-*")), "no W&B offline run appeared"
-            os.kill(runner.pid, sig)
-            runner.wait(timeout=30)
-            assert not _gone_within(tmp_path, 5.0)
-        finally:
-            _cleanup(tmp_path, runner)
-        if sig == signal.SIGTERM:  # the runner marked its cell's run itself
-            assert not list((run / "wandb").glob("offline-run-*"))
+    _wait_wandb_run(run, runner)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait(timeout=30)
+    assert not _gone_within(tmp_path, 5.0)
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # the dead attempt's run, not yet marked
     r = subprocess.run(_cmd(tmp_path / "results", "--wandb", "offline"), cwd=REPO_ROOT,
                        env=_env(tmp_path, "offline"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -189,7 +198,7 @@ def test_an_interrupted_cells_wandb_run_is_marked_and_one_run_per_cell_syncs(tmp
     blob = next(synced[0].glob("*.wandb")).read_bytes()
     assert b"test/f1" in blob and json.dumps(m["test"]["f1"]).encode()[:8] in blob  # the finished attempt
     marked = sorted(p.name for p in (run / "wandb").glob("interrupted-offline-run-*"))
-    assert len(marked) == 2, sorted(p.name for p in (run / "wandb").iterdir())
+    assert len(marked) == 1, sorted(p.name for p in (run / "wandb").iterdir())
 
 
 def test_retire_wandb_runs_names(tmp_path):
