@@ -4,6 +4,7 @@
 #
 #   sudo scripts/slurm-single-node.sh            # install (apt) if missing, configure, start, wait until idle
 #   sudo scripts/slurm-single-node.sh --no-install   # fail instead of installing the packages
+#   sudo scripts/slurm-single-node.sh --force    # replace an /etc/slurm/slurm.conf this script did not write
 #   sudo scripts/slurm-single-node.sh --stop     # stop slurmd, slurmctld and munged
 #
 # Idempotent: rerunning with daemons up and the same configuration only waits for the node to be idle; a changed
@@ -14,14 +15,16 @@
 set -euo pipefail
 
 INSTALL=1
+FORCE=0
 case "${1:-}" in
   --no-install) INSTALL=0 ;;
+  --force) FORCE=1 ;;
   --stop)
     for d in slurmd slurmctld; do pkill -x "$d" 2>/dev/null || true; done
     [ -f /run/munge/munged.pid ] && kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
     echo "slurm-single-node: stopped"; exit 0 ;;
   "") ;;
-  *) echo "usage: $0 [--no-install | --stop]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--no-install | --force | --stop]" >&2; exit 2 ;;
 esac
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -57,6 +60,12 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 # --- slurm.conf for this machine ------------------------------------------------------------------------------
+MARK="# written by aurecog scripts/slurm-single-node.sh"
+if [ -s /etc/slurm/slurm.conf ] && ! head -n1 /etc/slurm/slurm.conf | grep -qF "$MARK" && [ "$FORCE" -eq 0 ]; then
+  echo "slurm-single-node: /etc/slurm/slurm.conf exists and was not written by this script (a real cluster's?);" \
+       "not touching it. Rerun with --force to replace it." >&2
+  exit 2
+fi
 host=$(hostname -s)
 node=$(slurmd -C | head -n1)            # NodeName=<host> CPUs=.. Boards=.. ... RealMemory=..
 gpus=0
@@ -72,7 +81,7 @@ else
   : > /etc/slurm/gres.conf.new
 fi
 cat > /etc/slurm/slurm.conf.new <<EOF
-# written by aurecog scripts/slurm-single-node.sh for $host; rerun the script after hardware changes
+$MARK for $host; rerun the script after hardware changes
 ClusterName=aurecog
 SlurmctldHost=$host
 AuthType=auth/munge

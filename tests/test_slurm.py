@@ -120,11 +120,17 @@ def _cluster() -> None:
         pytest.skip(msg)
 
 
-def _bench(results: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def _bench(results: Path, tmp_path: Path, *extra: str, wait: bool = True):
     cmd = [sys.executable, "-m", "aurecog.cli", "bench", "--dataset", "synth", "--models", "baseline", "--folds",
            "0", "--results", str(results), "--no-leaderboard", *TINY, *extra]
-    env = {**os.environ, "WANDB_MODE": "disabled", "AURECOG_CHECKPOINTS": str(tmp_path / f"ckpt-{results.name}")}
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "WANDB_MODE": "disabled", "AURECOG_CHECKPOINTS": str(results.parent / "ckpt")}
+    p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _done(p) if wait else p
+
+
+def _done(p: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = p.communicate(timeout=900)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def _our_jobs(results: Path) -> list[str]:
@@ -134,12 +140,12 @@ def _our_jobs(results: Path) -> list[str]:
 
 def test_slurm_run_folder_equals_a_local_run(tmp_path):
     _cluster()
-    slurm, local = tmp_path / "slurm", tmp_path / "local"
-    r = _bench(slurm, tmp_path, "--launcher", "slurm")
+    slurm, local = tmp_path / "slurm" / "results", tmp_path / "local" / "results"  # logs/ go next to results/
+    both = _bench(slurm, tmp_path, "--launcher", "slurm", wait=False), _bench(local, tmp_path, wait=False)
+    r, r_local = (_done(p) for p in both)  # at once: the runners' start-up overlaps
     assert r.returncode == 0, r.stdout + r.stderr
     assert "submitted baseline fold 0 seed 0 as Slurm job" in r.stderr
-    r = _bench(local, tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r_local.returncode == 0, r_local.stdout + r_local.stderr
     a, b = (d / "runs" / "synth" / "baseline" / "0-0" for d in (slurm, local))
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert ma["test"].keys() == mb["test"].keys()
