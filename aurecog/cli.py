@@ -38,7 +38,7 @@ def cmd_bench(a) -> int:
     slurm = {"partition": a.slurm_partition, "gpus_per_node": a.gpus_per_node, "cpus_per_task": a.cpus_per_task,
              "mem_gb": a.mem_gb, "nodes": a.nodes, "timeout_min": a.timeout_min, "pending_grace_s": a.pending_grace_s}
     if a.launcher == "slurm":  # request: the config's `slurm:` section < flags; one DDP task per GPU when GPUs
-        from aurecog.runner.launchers import slurm_request, slurm_trainer_overrides
+        from aurecog.runner.slurm import slurm_request, slurm_trainer_overrides
 
         probe = grid.expand(a.dataset, a.models, a.folds, a.seeds, a.profile, a.protocol, Path(a.results),
                             overrides, task=a.task)[0]

@@ -20,7 +20,8 @@ import pytest
 
 from aurecog.config import REPO_ROOT
 from aurecog.runner import grid, launchers
-from aurecog.runner.launchers import LauncherError, sbatch_error, slurm_request, submitit_parameters
+from aurecog.runner import slurm as S
+from aurecog.runner.slurm import LauncherError, sbatch_error, slurm_request, submitit_parameters
 
 TINY = ["--set", "trainer.max_epochs=1", "--set", "trainer.limit_train_batches=3", "--set",
         "data.eval_batch_size=256"]
@@ -42,7 +43,7 @@ def test_request_comes_from_the_config_and_flags_override(tmp_path):
     assert "#SBATCH --ntasks-per-node=1\n" in script and "#SBATCH --cpus-per-task=2\n" in script
     assert "#SBATCH --mem=4GB\n" in script and "#SBATCH --time=60\n" in script
     assert "--partition" not in script  # null: the cluster's default partition
-    assert launchers.slurm_trainer_overrides(req) == []  # the config's own trainer (one process)
+    assert S.slurm_trainer_overrides(req) == []  # the config's own trainer (one process)
 
     req = slurm_request(cell.config["slurm"], {"gpus_per_node": 2, "cpus_per_task": 6, "mem_gb": 1.5,
                                                "partition": "gpu", "timeout_min": None})
@@ -50,7 +51,7 @@ def test_request_comes_from_the_config_and_flags_override(tmp_path):
     assert "#SBATCH --gpus-per-node=2\n" in script and "#SBATCH --ntasks-per-node=2\n" in script
     assert "#SBATCH --cpus-per-task=6\n" in script and "#SBATCH --mem=1536MB\n" in script
     assert "#SBATCH --partition=gpu\n" in script and "#SBATCH --time=60\n" in script
-    assert launchers.slurm_trainer_overrides(req) == ["trainer.accelerator=gpu", "trainer.devices=2",
+    assert S.slurm_trainer_overrides(req) == ["trainer.accelerator=gpu", "trainer.devices=2",
                                                       "trainer.num_nodes=1"]
     paper = grid.expand("synth", "baseline", "0", "0", "paper")[0].config["slurm"]
     assert slurm_request(paper)["gpus_per_node"] == 1 and slurm_request(paper)["cpus_per_task"] == 8
@@ -112,7 +113,7 @@ def test_waiting_stops_with_the_reason_of_a_job_that_cannot_start(tmp_path):
 # against a real cluster
 
 def _cluster() -> None:
-    why = launchers.slurm_available()
+    why = S.slurm_available()
     if why:
         msg = f"no usable Slurm cluster ({why}); start one with `sudo scripts/slurm-single-node.sh`"
         if os.environ.get("AURECOG_REQUIRE_SLURM"):
