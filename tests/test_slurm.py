@@ -121,7 +121,7 @@ def _cluster() -> None:
         pytest.skip(msg)
 
 
-def _bench(results: Path, tmp_path: Path, *extra: str, wait: bool = True):
+def _bench(results: Path, *extra: str, wait: bool = True):
     cmd = [sys.executable, "-m", "aurecog.cli", "bench", "--dataset", "synth", "--models", "baseline", "--folds",
            "0", "--results", str(results), "--no-leaderboard", *TINY, *extra]
     env = {**os.environ, "WANDB_MODE": "disabled", "AURECOG_CHECKPOINTS": str(results.parent / "ckpt")}
@@ -139,11 +139,31 @@ def _our_jobs(results: Path) -> list[str]:
     return [ln for ln in out.splitlines() if str(results.parent) in ln]
 
 
-def test_slurm_run_folder_equals_a_local_run(tmp_path):
+@pytest.fixture(scope="module")
+def runners(tmp_path_factory):
+    """The runners of the cluster tests below, all started at once (their start-up, mostly imports, overlaps)."""
     _cluster()
-    slurm, local = tmp_path / "slurm" / "results", tmp_path / "local" / "results"  # logs/ go next to results/
-    both = _bench(slurm, tmp_path, "--launcher", "slurm", wait=False), _bench(local, tmp_path, wait=False)
-    r, r_local = (_done(p) for p in both)  # at once: the runners' start-up overlaps
+    cpus = max(int(c) for c in subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True,
+                                              timeout=30).stdout.split())
+    d = {k: tmp_path_factory.mktemp(k) for k in ("slurm", "local", "refused", "unschedulable")}
+    started = {
+        "slurm": _bench(d["slurm"] / "results", "--launcher", "slurm", wait=False),
+        "local": _bench(d["local"] / "results", wait=False),  # the same cell, local launcher
+        "refused": _bench(d["refused"] / "results", "--launcher", "slurm", "--slurm-partition", "no-such-partition",
+                          wait=False),
+        "unschedulable": _bench(d["unschedulable"] / "results", "--launcher", "slurm", "--cpus-per-task",
+                                str(cpus + 1), "--pending-grace-s", "2", wait=False),
+    }
+    yield {k: (d[k] / "results", p) for k, p in started.items()}, cpus
+    for p in started.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_slurm_run_folder_equals_a_local_run(runners):
+    (slurm, p_slurm), (local, p_local) = runners[0]["slurm"], runners[0]["local"]
+    r, r_local = _done(p_slurm), _done(p_local)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "submitted baseline fold 0 seed 0 as Slurm job" in r.stderr
     assert r_local.returncode == 0, r_local.stdout + r_local.stderr
@@ -155,12 +175,10 @@ def test_slurm_run_folder_equals_a_local_run(tmp_path):
     assert (ma["n_train"], ma["n_test"], ma["selected_epoch"]) == (mb["n_train"], mb["n_test"], mb["selected_epoch"])
     pa, pb = (pd.read_parquet(d / "predictions.parquet") for d in (a, b))
     pd.testing.assert_frame_equal(pa, pb)
-    assert json.loads((a / "environment.json").read_text()).get("argv") is not None
 
 
-def test_a_refused_submission_is_one_line_and_exit_2(tmp_path):
-    _cluster()
-    r = _bench(tmp_path / "results", tmp_path, "--launcher", "slurm", "--slurm-partition", "no-such-partition")
+def test_a_refused_submission_is_one_line_and_exit_2(runners):
+    r = _done(runners[0]["refused"][1])
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
@@ -169,15 +187,12 @@ def test_a_refused_submission_is_one_line_and_exit_2(tmp_path):
     assert "Invalid partition name specified" in errors[0] and "--partition=no-such-partition" in errors[0]
 
 
-def test_a_job_that_cannot_start_stops_with_the_schedulers_reason(tmp_path):
-    _cluster()
-    cpus = max(int(c) for c in subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True,
-                                              timeout=30).stdout.split())
-    r = _bench(tmp_path / "results", tmp_path, "--launcher", "slurm", "--cpus-per-task", str(cpus + 1),
-               "--pending-grace-s", "2")
+def test_a_job_that_cannot_start_stops_with_the_schedulers_reason(runners):
+    (results, p), cpus = runners[0]["unschedulable"], runners[1]
+    r = _done(p)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, r.stderr
     assert "cannot start: PENDING with Reason=" in errors[0] and f"--cpus-per-task={cpus + 1}" in errors[0]
-    assert not _our_jobs(tmp_path / "results"), "the job was not cancelled"
+    assert not _our_jobs(results), "the job was not cancelled"
