@@ -1,5 +1,5 @@
 # aurecog: the two commands are `make bench` and `make test`; both build the project's own virtual environment
-# (.venv) on first use and refresh it when pyproject.toml changes.
+# (.venv) on first use, exactly as pinned in requirements.lock, and rebuild it when the lock or pyproject.toml changes.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,12 +27,22 @@ BENCH_ARGS := --dataset $(DATASET) --models $(MODELS) --folds $(FOLDS) --seeds $
 SYNTH_PRESETS := synth-bp4d synth-disfa synth-gft synth-bp4dplus synth-affwild2 synth-fermix
 PRESET_ARGS = --models $(MODELS) --folds $(FOLDS) --seeds $(SEEDS) --jobs $(JOBS) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
 
-.PHONY: bench presets test leaderboard perf prepare synth lint env clean-cache
+.PHONY: bench presets test leaderboard perf prepare synth lint env lock clean-cache
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+# re-pin after changing pyproject.toml's dependencies: resolve them into .venv, then freeze every package
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q -e ".[dev]"
+	{ sed -n '/^#/p' requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -v '^-e '; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 	@touch $(STAMP)
 
 env: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def cmd_bench(a) -> int:
                   f"cells={len(cells)} wandb={mode} launcher={a.launcher}")
     _prepare_synth(a.dataset)
     t0 = time.time()
-    res = grid.run_grid(cells, a.data_root, mode, a.jobs, a.launcher, slurm, console)
+    res = grid.run_grid(cells, a.data_root, mode, a.jobs, a.launcher, slurm, console, keep_stale=a.keep_stale)
     console.print(f"done {len(res['done'])}, skipped {len(res['skipped'])}, failed {len(res['failed'])} "
                   f"in {time.time() - t0:.0f} s")
     if not a.no_leaderboard:
@@ -63,7 +64,9 @@ def cmd_bench(a) -> int:
         if out:
             console.print(f"leaderboard: {out[0]}")
             print(out[0].read_text().split("## Plots")[0])
-            leaderboard.log_summary_to_wandb(a.dataset, out[0], out[1], mode)
+            from aurecog.runner import dashboard
+
+            dashboard.log_summary_to_wandb(a.dataset, out[0], out[1], mode)
     for c, _ in res["failed"]:
         console.print(f"[red]failed: {c.key} (log {c.log_path})[/red]")
     return 1 if res["failed"] else 0
@@ -105,7 +108,9 @@ def _prepare_synth(dataset: str) -> None:
     for p in (cfg.get("protocols") or {}).values():
         if p.get("type") == "cross_dataset":
             names.append(p["test_dataset"])
-    for n in names:
+        if p.get("type") == "leave_one_dataset_out":
+            names += list(p["train_datasets"])
+    for n in dict.fromkeys(names):
         c = C.load_dataset(n)
         if c.get("source") == "synth":
             from aurecog.data.synth import generate
@@ -148,10 +153,19 @@ def cmd_prepare(a) -> int:
 
     bad = [kv for kv in a.option if "=" not in kv]
     if bad:
-        raise SystemExit(f"error: --option takes KEY=VALUE, got {bad}")
+        raise prepare.PrepareError(f"--option takes KEY=VALUE, got {bad}")
     opts = dict(kv.split("=", 1) for kv in a.option)
     prepare.run(a.dataset, a.src, a.out, workers=a.workers, image_size=a.size, progress=True, **opts)
     return 0
+
+
+def _lazy_epilog(parser: argparse.ArgumentParser, make) -> None:
+    """Compute ``parser``'s epilog only when its help is shown (the readers are not imported otherwise)."""
+    def format_help():
+        parser.epilog = make()
+        return argparse.ArgumentParser.format_help(parser)
+
+    parser.format_help = format_help
 
 
 def cmd_models(a) -> int:
@@ -205,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--wandb", default=None, help="online | offline | disabled (default: $WANDB or offline)")
     b.add_argument("--set", action="append", default=[], help="config override key.sub=value (repeatable)")
     b.add_argument("--no-leaderboard", action="store_true")
+    b.add_argument("--keep-stale", action="store_true",
+                   help="keep finished cells whose identity (config, code, lock, data, threads, device) differs from "
+                        "now instead of redoing them (a warning names each)")
     b.set_defaults(fn=cmd_bench)
 
     lb = sub.add_parser("leaderboard", help="rebuild leaderboards from stored run folders (no training)")
@@ -214,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.set_defaults(fn=cmd_leaderboard)
 
     e = sub.add_parser("evaluate", help="test a checkpoint on its fold (devices > 1: DDP, each sample once)")
-    e.add_argument("--ckpt", required=True)
+    e.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder (uses its checkpoints/best.ckpt)")
     e.add_argument("--out", required=True)
     e.add_argument("--devices", type=int, default=1)
     e.add_argument("--data-root", default=os.environ.get("DATA_ROOT") or None)
@@ -227,15 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sheet-out", default=None)
     s.set_defaults(fn=cmd_synth)
 
-    pr = sub.add_parser("prepare", help="convert a dataset distribution into the prepared format")
-    pr.add_argument("dataset")
-    pr.add_argument("--src", required=True)
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    pr.add_argument("--size", type=int, default=256)
+    pr = sub.add_parser("prepare", help="convert a dataset distribution into the prepared format",
+                        description=textwrap.fill(
+                            "Convert a dataset distribution, as shipped, into the prepared format. Frames that cannot "
+                            "be prepared are listed in <out>/report.csv and counted in the printed summary; a "
+                            "distribution that is not what the reader expects stops with one error line naming the "
+                            "file (exit code 2).", 100),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("dataset", help="dataset to prepare (listed below)")
+    pr.add_argument("--src", required=True, help="the distribution folder, as shipped")
+    pr.add_argument("--out", required=True, help="the prepared folder to write (<DATA_ROOT>/<dataset>)")
+    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
+    pr.add_argument("--size", type=int, default=256, help="aligned crop size in pixels (default 256)")
     pr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="preparer option, e.g. positive_threshold=1, camera=right, landmarks_dir=DIR, name=mydata")
+                    help="preparer option (repeatable), keys per dataset below")
+    pr.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     pr.set_defaults(fn=cmd_prepare)
+
+    def _datasets_and_options():
+        from aurecog.data.prepare import options_help
+
+        return options_help()
+
+    _lazy_epilog(pr, _datasets_and_options)
 
     sub.add_parser("models", help="list registered model variants and groups").set_defaults(fn=cmd_models)
     sub.add_parser("datasets", help="list dataset configs").set_defaults(fn=cmd_datasets)
@@ -246,6 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
+    except RuntimeError as e:
+        from aurecog.data.prepare import PrepareError
+
+        if not isinstance(e, PrepareError):
+            raise
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        return 2
     except (ValueError, KeyError, FileNotFoundError) as e:
         from aurecog.config import ConfigError
         from aurecog.runner.grid import GridError

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from aurecog.config import deep_merge, resolve  # noqa: E402
+from aurecog.models.complexity import FlopCounter  # noqa: E402
 from aurecog.models.registry import build_model  # noqa: E402
 from aurecog.models.renet import AUConditionalBatchNorm2d  # noqa: E402
 from aurecog.tasks import TaskSpec, TrainStats  # noqa: E402
@@ -91,13 +92,12 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 
 def _analyse(fn) -> dict:
-    """FLOPs of one call (torch's FlopCounterMode) and the share of CPU time spent in convolutions
-    (torch.profiler, self time of the conv kernels over the total)."""
+    """FLOPs of one call (:class:`aurecog.models.complexity.FlopCounter`) and the share of CPU time spent in
+    convolutions (torch.profiler, self time of the conv kernels over the total)."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.inference_mode():
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounter()
         with counter:
             fn()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -106,7 +106,7 @@ def _analyse(fn) -> dict:
     total = sum(e.self_cpu_time_total for e in events)
     conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:4]
-    return {"gflop": counter.get_total_flops() / 1e9, "conv_share": conv / max(total, 1),
+    return {"gflop": counter.flops / 1e9, "conv_share": conv / max(total, 1),
             "top": ", ".join(f"{e.key} {100 * e.self_cpu_time_total / max(total, 1):.0f}%" for e in top)}
 
 
@@ -215,8 +215,8 @@ def main(argv=None) -> int:
             "What is left is the per-AU convolutions, C times a ResNet-18 without its stem, so the gain is bounded "
             "by how much of the loop's time lies outside them: large at the quick width (a 64-channel stem at full "
             "resolution before narrow stages), small at paper width, where the loop is already close to C plain "
-            "passes (compare the last row of each size). FLOPs from torch's FlopCounterMode, time shares from "
-            "torch.profiler (self CPU time):",
+            "passes (compare the last row of each size). FLOPs from aurecog's FlopCounter (torch's FlopCounterMode "
+            "+ attention formulas), time shares from torch.profiler (self CPU time):",
             "",
             "| model | input | batch | method | GFLOP per batch | time in convolutions | top ops (self time) |",
             "|---|---|---|---|---|---|---|",

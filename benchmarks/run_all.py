@@ -20,12 +20,12 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aurecog import config as C  # noqa: E402
+from aurecog.models.complexity import FlopCounter  # noqa: E402
 from aurecog.models.registry import build_model  # noqa: E402
 from aurecog.tasks import TaskSpec, TrainStats  # noqa: E402
 
@@ -75,9 +75,9 @@ def build(variant: str, profile: str, size: int | None = None, n_conf: int | Non
 def count(model, batch) -> tuple[float, float]:
     params = sum(p.numel() for p in model.parameters())
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), FlopCounter() as fc:  # strict: attention counted, no heavy op left uncounted
         model(batch)
-    return params, fc.get_total_flops() / 2  # MACs: one multiply-add = 2 FLOPs in torch's counter
+    return params, fc.macs  # MACs: one multiply-add = 2 FLOPs
 
 
 #: throughput settings: name -> (autocast dtype, channels_last, torch.compile)
@@ -159,9 +159,10 @@ def throughput(model, batch, train: bool, steps: int = 5, warmup: int = 2, setti
 
 
 def flops_per_image(model, batch, train: bool) -> float:
-    """FLOPs of one image: forward (+ backward when ``train``), counted by torch's FlopCounterMode."""
+    """FLOPs of one image: forward (+ backward when ``train``), counted by :class:`FlopCounter` (torch's
+    FlopCounterMode plus explicit attention formulas; fails on an uncounted compute-heavy op)."""
     model.train(train)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter()
     if train:
         with counter:
             model(batch)["logits"].float().pow(2).mean().backward()
@@ -169,7 +170,7 @@ def flops_per_image(model, batch, train: bool) -> float:
     else:
         with torch.no_grad(), counter:
             model(batch)
-    return counter.get_total_flops() / batch["image"].shape[0]
+    return counter.flops / batch["image"].shape[0]
 
 
 def header(title: str) -> list[str]:
@@ -187,7 +188,8 @@ def header(title: str) -> list[str]:
 
 def model_size(variants: list[str], out: Path) -> None:
     lines = header("Model size at each paper's input size (12 BP4D AUs)") + [
-        "MACs = multiply-accumulates from `torch.utils.flop_counter` (FLOPs / 2), one 1-image forward in eval mode "
+        "MACs = multiply-accumulates from `aurecog.models.complexity.FlopCounter` (torch's FlopCounterMode + "
+        "explicit attention formulas; FLOPs / 2), one 1-image forward in eval mode "
         "(RE-Net: all 12 AUs conditioned; IERN: 3 confounder strata, CISNet: 27 training subjects).",
         "", "| model | class | paper input | params (M) | MACs (G) | paper Table 6 (params / 'FLOPs') |",
         "|---|---|---|---|---|---|"]
@@ -218,7 +220,7 @@ def model_throughput(variants: list[str], out: Path, batch: int, paper_sizes: bo
         "data loading). 'quick' = the quick profile's model and input size, 'paper' = the paper profile's. "
         "Settings: fp32; bf16 = bf16 autocast; cl = channels_last; compile = torch.compile (compilation excluded). "
         "'train' = forward + backward + SGD step of the model's forward pass with a squared-logit loss. FLOPs per "
-        "image from torch's FlopCounterMode (fp32, uncompiled); '% of bf16 matmul' = the FLOP rate reached over "
+        "image from aurecog's FlopCounter (fp32, uncompiled); '% of bf16 matmul' = the FLOP rate reached over "
         f"the device's measured bf16 matrix-multiply rate, {ref_rate / 1e12:.3g} TFLOP/s (fp32: "
         f"{fp32_rate / 1e12:.3g} TFLOP/s; `matmul_rate`).", "",
         "| model | profile | input | setting | train img/s | infer img/s | train GFLOP/img | train % of bf16 "

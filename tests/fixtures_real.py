@@ -10,14 +10,17 @@ that image, landmarks and transform were paired correctly.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from aurecog.data.align import CANONICAL_EYES
 from aurecog.data.landmarks import DISFA66_FROM_IBUG68, INTRAFACE49_FROM_IBUG68
-from aurecog.data.prepare import CANONICAL_EYES
 
 try:
     import scipy.io as sio
@@ -103,15 +106,28 @@ BP4D_AUS = [1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24]
 BP4D_INT = [6, 10, 12, 14, 17]
 
 
+#: the 34 occurrence AUs of a BP4D+ AU_OCC csv, in column order (rPPG-Toolbox ``AU_num``, notes A.5)
+BP4DPLUS_CODED = [1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 22, 23, 24, 27, 28, 29, 30, 31,
+                  32, 33, 34, 35, 36, 37, 38, 39]
+
+
 def make_bp4d(root: Path, seed: int = 0, seqs=(("F001", "T1"), ("F001", "T2"), ("M007", "T1")),
-              zipped=("M007",), n_frames: int = 5, first: int = 10, mat: bool = True) -> dict:
+              zipped=("M007",), n_frames: int = 5, first: int = 10, mat: bool = True, header: str = "bp4d") -> dict:
     """BP4D layout. Returns truth: ``frames`` {(subj, task, frame): {"AU1": ..., "AU6_int": ...}} for every frame
-    that must be prepared, ``missing_landmarks``/``no_image`` frame keys that must be reported, ``lm68``."""
+    that must be prepared, ``missing_landmarks``/``no_image`` frame keys that must be reported, ``lm68``,
+    ``images`` {(subj, task): number of frame images}.
+
+    ``header``: ``"bp4d"`` (columns 0..40: frame, AU k in column k up to 39, occlusion), ``"bp4dplus"`` (frame + the
+    34 coded AUs named by number) or ``"position"`` (the BP4D+ columns numbered 1..34 by position)."""
     rng = np.random.default_rng(seed)
     occ_dir = root / "AUCoding" / "AU_OCC"
     occ_dir.mkdir(parents=True)
-    truth: dict = {"frames": {}, "no_landmarks": [], "no_image": [], "uncoded": [], "lm68": {}}
-    ncol = 41  # columns 0..40 as in the real files (frame + AU columns up to 39 + occlusion)
+    truth: dict = {"frames": {}, "no_landmarks": [], "no_image": [], "uncoded": [], "lm68": {}, "images": {}}
+    if header == "bp4d":  # columns 0..40 as in the real files (frame + AU columns up to 39 + occlusion)
+        coded, names, tail = list(range(1, 40)), [str(c) for c in range(41)], [0]
+    else:
+        coded, tail = BP4DPLUS_CODED, []
+        names = ["0"] + [str(a) if header == "bp4dplus" else str(i) for i, a in enumerate(coded, start=1)]
     for subj, task in seqs:
         frames = list(range(first, first + n_frames))
         img_dir = root / "2D+3D" / subj / task
@@ -125,10 +141,10 @@ def make_bp4d(root: Path, seed: int = 0, seqs=(("F001", "T1"), ("F001", "T2"), (
             if f == first + n_frames:
                 truth["uncoded"].append((subj, task, f))
                 continue
-            lab = {a: int(rng.random() < 0.4) for a in range(1, ncol - 1)}
+            lab = {a: int(rng.random() < 0.4) for a in coded}
             for a in rng.choice(BP4D_AUS, size=2, replace=False):
                 lab[int(a)] = 9
-            rows.append([f] + [lab[a] for a in range(1, ncol - 1)] + [0])
+            rows.append([f] + [lab[a] for a in coded] + tail)
             if empty:
                 truth["no_landmarks"].append((subj, task, f))
                 continue
@@ -136,10 +152,11 @@ def make_bp4d(root: Path, seed: int = 0, seqs=(("F001", "T1"), ("F001", "T2"), (
             truth["frames"][(subj, task, f)] = {f"AU{a}": (-1 if lab[a] == 9 else lab[a]) for a in BP4D_AUS}
         # a labelled frame without an image
         missing = first + n_frames + 1
-        rows.append([missing] + [0] * (ncol - 2) + [0])
+        rows.append([missing] + [0] * len(coded) + tail)
         truth["no_image"].append((subj, task, missing))
+        truth["images"][(subj, task)] = n_frames + 1
         with open(occ_dir / f"{subj}_{task}.csv", "w") as fh:
-            fh.write(",".join(str(c) for c in range(ncol)) + "\n")
+            fh.write(",".join(names) + "\n")
             for r in rows:
                 fh.write(",".join(str(v) for v in r) + "\n")
         for a in BP4D_INT:
@@ -343,9 +360,11 @@ def make_ckplus(root: Path, rng: np.random.Generator, seqs=(("S005", "001", 3), 
 
 
 def make_mmi(root: Path, rng: np.random.Generator, sessions=(("1", "S001", 4), ("2", "S002", 6), ("3", "S002", 1)),
-             n_frames: int = 7) -> dict:
-    """MMI layout: Sessions/<id>/<name>.avi, <name>-oao_aucs.xml, session.xml (subject id), <name>.xml metadata
-    with <Metatag Name="Emotion" Value="k"/>. The middle 3 frames (n/2-1, n/2, n/2+1) are used."""
+             n_frames: int = 7, subject_id: bool = True, meta_subject: bool = True) -> dict:
+    """MMI layout: Sessions/<id>/<name>.avi (``<name>`` = ``S001-1``: the clip name carries the subject),
+    <name>-oao_aucs.xml, session.xml (``<subject id>`` unless ``subject_id=False``), <name>.xml metadata with
+    <Metatag Name="Emotion" Value="k"/> (and a Subject metatag unless ``meta_subject=False``). The middle 3 frames
+    (n/2-1, n/2, n/2+1) are used."""
     truth: dict = {"frames": {}}
     for sid, subj, emo in sessions:
         d = root / "Sessions" / sid
@@ -353,11 +372,12 @@ def make_mmi(root: Path, rng: np.random.Generator, sessions=(("1", "S001", 4), (
         frames = [face_image(face_landmarks(rng)) for _ in range(n_frames)]
         write_video(d / f"{name}.avi", frames)
         (d / "session.xml").write_text(
-            f'<?xml version="1.0"?>\n<session sessionId="{sid}"><subject id="{subj[1:].lstrip("0")}" />'
-            f'<track id="0" type="1" filename="{name}.avi" /></session>\n')
+            f'<?xml version="1.0"?>\n<session sessionId="{sid}">'
+            + (f'<subject id="{subj[1:].lstrip("0")}" />' if subject_id else "")
+            + f'<track id="0" type="1" filename="{name}.avi" /></session>\n')
         (d / f"{name}.xml").write_text(
             f'<?xml version="1.0"?>\n<Metadata><Metatag Name="Emotion" Value="{emo}" />'
-            f'<Metatag Name="Subject" Value="{subj}" /></Metadata>\n')
+            + (f'<Metatag Name="Subject" Value="{subj}" />' if meta_subject else "") + '</Metadata>\n')
         (d / f"{name}-oao_aucs.xml").write_text(
             '<?xml version="1.0"?>\n<ActionUnits><ActionUnit Number="12"><Marker Frame="2" Type="1" />'
             '</ActionUnit></ActionUnits>\n')
@@ -384,3 +404,45 @@ def make_oulu(root: Path, rng: np.random.Generator, subjects=("P001", "P002"),
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
+
+
+# ---------------------------------------------------------------------------------------------- command line
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+#: ``aurecog`` with the stand-in detector installed (the dlib detector is optional and not installed in tests)
+_WITH_FAKE_DETECTOR = ("import sys, fixtures_real, aurecog.data.prepare as P; "
+                       "P._DETECTOR = fixtures_real.disc_detector; "
+                       "from aurecog.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def aurecog(*args: str, detector: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m aurecog.cli ARGS`` in a subprocess (with ``detector``: through ``aurecog.cli.main`` with
+    :func:`disc_detector` standing in for dlib); returns the completed process (text stdout/stderr)."""
+    cmd = [sys.executable] + (["-c", _WITH_FAKE_DETECTOR] if detector else ["-m", "aurecog.cli"]) + list(args)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "WANDB_MODE": "disabled"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO))
+
+
+def prepare_cli(dataset: str, src: Path, out: Path, *options: str, detector: bool = False, debug: bool = False,
+                check: bool = False) -> subprocess.CompletedProcess:
+    """``aurecog prepare DATASET --src SRC --out OUT --workers 1 --size SIZE [--option K=V ...]``."""
+    args = ["prepare", dataset, "--src", str(src), "--out", str(out), "--workers", "1", "--size", str(SIZE)]
+    for o in options:
+        args += ["--option", o]
+    if debug:
+        args.append("--debug")
+    res = aurecog(*args, detector=detector)
+    if check:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit code 2, no traceback, exactly one ``error:`` line on stderr, holding every fragment; returns it."""
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]

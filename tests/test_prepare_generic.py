@@ -60,7 +60,8 @@ def test_generic_detector_path(tmp_path, monkeypatch):
     assert len(ds.index) == len(truth["rows"]) - 1
     check_aligned(np.asarray(ds.images), np.asarray(ds.landmarks), EYES68, tol=0.05)
     rep = pd.read_csv(out / "report.csv")
-    assert rep.to_dict("records") == [{"file": str(blank), "reason": "no face detected"}]
+    assert rep.to_dict("records") == [{"file": str(blank), "reason": "no face detected", "kind": "no_landmarks",
+                                       "frames": 1}]
 
 
 def test_generic_corrupt_inputs(tmp_path):

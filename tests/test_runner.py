@@ -65,10 +65,9 @@ def test_unknown_dataset_fails_fast_with_the_list():
 
 def test_kill_during_a_cell_then_rerun_finishes_only_unfinished_cells(tmp_path):
     results = tmp_path / "results"
-    p = _bench(results, "--folds", "0,1", "--no-leaderboard", popen=True,
-               env_extra={"AURECOG_CHECKPOINTS": str(tmp_path / "ckpt")})
+    p = _bench(results, "--folds", "0,1", "--no-leaderboard", popen=True)
     first = results / "runs" / "synth" / "baseline" / "0-0" / "metrics.json"
-    second_log = tmp_path / "logs" / "synth" / "baseline" / "1-0.log"
+    second_log = results / "logs" / "synth" / "baseline" / "1-0.log"
     deadline = time.time() + 600
     while time.time() < deadline and not (first.exists() and second_log.exists()
                                           and second_log.stat().st_mtime >= first.stat().st_mtime):
@@ -80,9 +79,9 @@ def test_kill_during_a_cell_then_rerun_finishes_only_unfinished_cells(tmp_path):
     second = results / "runs" / "synth" / "baseline" / "1-0" / "metrics.json"
     assert not second.exists()
     before = (first.stat().st_mtime_ns, first.read_bytes())
-    r = _bench(results, "--folds", "0,1", env_extra={"AURECOG_CHECKPOINTS": str(tmp_path / "ckpt")})
+    r = _bench(results, "--folds", "0,1")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 finished cell(s) skipped" in r.stderr
+    assert "1 finished cell(s) of the same identity skipped" in r.stderr
     assert (first.stat().st_mtime_ns, first.read_bytes()) == before  # finished work untouched
     m = json.loads(second.read_text())
     assert m["fold"] == 1 and m["n_test"] > 0
@@ -114,7 +113,7 @@ def test_kill_during_a_cell_then_rerun_finishes_only_unfinished_cells(tmp_path):
 def test_submitit_local_launcher_with_wandb_offline(tmp_path):
     results = tmp_path / "results"
     r = _bench(results, "--folds", "2", "--launcher", "submitit-local", "--wandb", "offline",
-               env_extra={"AURECOG_CHECKPOINTS": str(tmp_path / "ckpt"), "WANDB_MODE": "offline"})
+               env_extra={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stdout + r.stderr
     run = results / "runs" / "synth" / "baseline" / "2-0"
     m = json.loads((run / "metrics.json").read_text())
@@ -127,16 +126,18 @@ def test_submitit_local_launcher_with_wandb_offline(tmp_path):
 
 def test_ddp_two_process_evaluation_equals_single_process(tmp_path):
     results = tmp_path / "results"
-    ckpt_root = tmp_path / "ckpt"
-    r = _bench(results, "--folds", "0", "--no-leaderboard", env_extra={"AURECOG_CHECKPOINTS": str(ckpt_root)})
+    r = _bench(results, "--folds", "0", "--no-leaderboard")
     assert r.returncode == 0, r.stdout + r.stderr
-    ckpt = ckpt_root / "synth" / "baseline" / "0-0" / "best.ckpt"
+    run = results / "runs" / "synth" / "baseline" / "0-0"
+    ckpt = run / "checkpoints" / "best.ckpt"  # the checkpoint belongs to its run folder
     assert ckpt.exists()
     outs = {}
     for devices in (1, 2):
         out = tmp_path / f"eval{devices}.json"
-        # its own process: Lightning's DDP launcher re-executes this command for rank 1
-        e = subprocess.run([sys.executable, "-m", "aurecog.cli", "evaluate", "--ckpt", str(ckpt), "--out", str(out),
+        # its own process: Lightning's DDP launcher re-executes this command for rank 1; --ckpt takes the run
+        # folder (2 processes) or the checkpoint file (1 process)
+        e = subprocess.run([sys.executable, "-m", "aurecog.cli", "evaluate", "--ckpt", str(run if devices == 2 else
+                            ckpt), "--out", str(out),
                             "--devices", str(devices)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                            env=dict(os.environ, WANDB_MODE="disabled"))
         assert e.returncode == 0, e.stdout + e.stderr

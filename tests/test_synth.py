@@ -80,6 +80,9 @@ def test_generation_is_deterministic_and_cached(tmp_path):
     # another seed is another dataset
     c = synth.generate("synth", seed=2, cache_dir=tmp_path / "a", progress=False, overrides=TINY)
     assert c != a and (c / "images.npy").read_bytes() != (a / "images.npy").read_bytes()
+    # the fingerprint is the content: same preset and seed give the same one, another seed another
+    fa, fb, fc = (PreparedDataset.open(p).fingerprint for p in (a, b, c))
+    assert fa == fb != fc
 
 
 @pytest.mark.parametrize("preset", list(synth.PRESETS))

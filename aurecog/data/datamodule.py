@@ -32,8 +32,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from aurecog import config as C
+from aurecog.data.landmarks import to_intraface49
 from aurecog.data.prepared import UNKNOWN, PreparedDataset, intensity_column
-from aurecog.data.protocols import carve_validation, num_folds, split_rows
+from aurecog.data.protocols import carve_validation, common_labels, cross_dataset_rows, num_folds, split_rows
 from aurecog.data.transforms import FaceTransform
 from aurecog.tasks import TaskSpec, TrainStats
 
@@ -44,13 +45,20 @@ class DataRootError(FileNotFoundError):
     pass
 
 
+def load_config(dataset: str | dict) -> dict:
+    """A dataset config: a name under ``configs/datasets`` or such a config given inline as a dict."""
+    return dict(dataset) if isinstance(dataset, dict) else C.load_dataset(dataset)
+
+
 def open_source(ds_cfg: dict, data_root: str | os.PathLike | None, synth_seed: int = 0,
                 progress: bool = True) -> PreparedDataset:
-    """Open (and for SynthAU, generate on first use) the prepared dataset of a dataset config."""
+    """Open (and for SynthAU, generate on first use) the prepared dataset of a dataset config. A SynthAU config
+    may set ``synth_overrides`` (Preset fields, e.g. ``{n_subjects: 4}``; tests use tiny presets)."""
     if ds_cfg.get("source") == "synth":
         from aurecog.data.synth import generate
 
-        return PreparedDataset.open(generate(ds_cfg.get("preset", ds_cfg["name"]), seed=synth_seed, progress=progress))
+        return PreparedDataset.open(generate(ds_cfg.get("preset", ds_cfg["name"]), seed=synth_seed, progress=progress,
+                                             overrides=ds_cfg.get("synth_overrides")))
     root = data_root or os.environ.get("DATA_ROOT")
     name = ds_cfg["name"]
     folder = ds_cfg.get("prepared_dir", name)
@@ -68,14 +76,23 @@ def open_source(ds_cfg: dict, data_root: str | os.PathLike | None, synth_seed: i
     return PreparedDataset.open(path)
 
 
-def _task_targets(ds: PreparedDataset, kind: str, names: list[str]) -> np.ndarray:
+def _task_targets(ds: PreparedDataset, kind: str, names: list[str], from_intensity: float | None = None) -> np.ndarray:
+    """Label array of ``kind`` for ``names``; a label the dataset lacks is unknown (-1). ``from_intensity``: AU
+    occurrence re-derived as intensity >= this from the ``AU<k>_int`` columns (a protocol's positive_threshold)."""
     idx = ds.index
     if kind == "au":
-        cols = [n if n in idx.columns else None for n in names]
         out = np.full((len(idx), len(names)), UNKNOWN, dtype=np.float32)
-        for j, c in enumerate(cols):
-            if c is not None:
-                out[:, j] = idx[c].to_numpy()
+        for j, n in enumerate(names):
+            if from_intensity is not None:
+                c = intensity_column(n)
+                if c not in idx.columns:
+                    raise C.ConfigError(
+                        f"{ds.root}: the protocol sets positive_threshold (occurrence from intensity) but the data "
+                        f"has no {c} column; drop positive_threshold from the protocol or prepare intensities")
+                v = idx[c].to_numpy()
+                out[:, j] = np.where(v >= 0, (v >= from_intensity).astype(np.float32), UNKNOWN)
+            elif n in idx.columns:
+                out[:, j] = idx[n].to_numpy()
         return out
     if kind == "intensity":
         out = np.full((len(idx), len(names)), UNKNOWN, dtype=np.float32)
@@ -90,6 +107,60 @@ def _task_targets(ds: PreparedDataset, kind: str, names: list[str]) -> np.ndarra
     remap = np.array([names.index(n) if n in names else UNKNOWN for n in ds_names] + [UNKNOWN])
     e = idx["expression"].to_numpy().astype(np.int64)
     return remap[np.where(e < 0, len(ds_names), e)]
+
+
+class _RowView:
+    """``view[r]`` reads row ``r`` of a concatenation of per-source arrays (memmaps stay memory-mapped)."""
+
+    def __init__(self, parts: list[PreparedDataset], attr: str, to49: list[str | None]):
+        self.parts, self.attr, self.to49 = parts, attr, to49
+        self.starts = np.cumsum([0] + [len(p.index) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, r: int) -> np.ndarray:
+        i = int(np.searchsorted(self.starts, r, side="right")) - 1
+        v = np.asarray(getattr(self.parts[i], self.attr)[int(r) - int(self.starts[i])])
+        return to_intraface49(v, self.to49[i]) if self.to49[i] else v
+
+
+class CombinedSource:
+    """Several prepared datasets read as one (the training side of a leave-one-dataset-out protocol): the index
+    is their concatenation with ``subject`` namespaced as ``<dataset config>/<subject>`` (BP4D and BP4D+ both
+    have an F001) and a ``source_dataset`` column; labels are ``labels`` (the protocol's common AUs), each
+    source's own occurrence coding. Landmarks of mixed layouts are all reduced to the 49 IntraFace points."""
+
+    def __init__(self, parts: dict[str, PreparedDataset], labels: list[str], layout: str):
+        self.names, self.parts = list(parts), list(parts.values())
+        frames = []
+        for name, ds in parts.items():
+            idx = ds.index.copy()
+            idx["subject"] = name + "/" + idx["subject"].astype(str)
+            idx["source_dataset"] = name
+            for n in labels:
+                if n not in idx.columns:
+                    idx[n] = UNKNOWN
+            frames.append(idx)
+        self.index = pd.concat(frames, ignore_index=True)
+        for n in labels:
+            self.index[n] = self.index[n].astype(np.int8)
+        self.root = Path("+".join(self.names))
+        to49 = [None if ds.meta["landmark_layout"] == layout else ds.meta["landmark_layout"] for ds in self.parts]
+        self.images = _RowView(self.parts, "images", [None] * len(self.parts))
+        self.landmarks = _RowView(self.parts, "landmarks", to49)
+        sizes = {ds.meta.get("image_size") for ds in self.parts}
+        if len(sizes) > 1:
+            raise C.ConfigError(f"datasets {self.names} were prepared at different image sizes {sorted(sizes)}; "
+                                "prepare them at one size (aurecog prepare --image-size)")
+        self.meta = {"name": str(self.root), "aus": list(labels), "intensity_aus": [], "expressions": [],
+                     "landmark_layout": layout, "image_size": sizes.pop(), "datasets": self.names}
+        self.aus, self.intensity_aus, self.expressions = list(labels), [], []
+
+
+def _common_layout(sources: list) -> str:
+    layouts = {ds.meta["landmark_layout"] for ds in sources}
+    return layouts.pop() if len(layouts) == 1 else "intraface49"
 
 
 class FaceDataset(Dataset):
@@ -116,8 +187,9 @@ class AUDataModule(L.LightningDataModule):
     """DataModule for ``dataset`` (a name under ``configs/datasets``, or such a config as a dict), ``protocol``
     and ``fold``.
 
-    ``task`` picks the labels (``au``, ``intensity``, ``expression``; default from the dataset config). After
-    :meth:`setup`, ``task_spec`` and ``stats`` (training-set statistics) describe the problem to the model.
+    ``task`` picks the labels (``au``, ``intensity``, ``expression``; default from the dataset config). The label
+    set is ``labels`` if given, else the protocol's ``labels``, else the dataset config's. After :meth:`setup`,
+    ``task_spec`` and ``stats`` (training-set statistics) describe the problem to the model.
     """
 
     def __init__(self, dataset: str | dict = "synth", protocol: str | None = None, fold: int = 0, task: str | None = None,
@@ -128,7 +200,7 @@ class AUDataModule(L.LightningDataModule):
                  synth_seed: int = 0, labels: list[str] | None = None, max_train_samples: int | None = None,
                  progress: bool = True):
         super().__init__()
-        self.cfg = dict(dataset) if isinstance(dataset, dict) else C.load_dataset(dataset)
+        self.cfg = load_config(dataset)
         self.name = self.cfg["name"]
         self.protocol_name = protocol or self.cfg.get("default_protocol")
         protocols = self.cfg.get("protocols") or {}
@@ -150,37 +222,84 @@ class AUDataModule(L.LightningDataModule):
         self.confounder_kind = confounder or self.cfg.get("confounder", "subject")
         self.val_fraction = self.cfg.get("val_fraction", 0.15) if val_fraction is None else val_fraction
         self.split_seed = split_seed
-        self.label_subset = labels or self.cfg.get("labels")
+        self.label_subset = labels or self._protocol_labels()
         self.max_train_samples = max_train_samples
         self._is_setup = False
+
+    def _protocol_labels(self) -> list[str] | None:
+        """The protocol's ``labels`` (a list, or task -> list; null = every label of the task), else the dataset
+        config's ``labels``."""
+        unset = object()
+        pl = self.protocol.get("labels", unset)
+        if isinstance(pl, dict):
+            pl = pl.get(self.kind, unset)
+        if pl is unset:
+            return self.cfg.get("labels")
+        return list(pl) if pl else None
+
+    def _other_configs(self) -> list[dict]:
+        """Dataset configs other than this one that the protocol reads (names or inline dicts)."""
+        p = self.protocol
+        if p["type"] == "cross_dataset":
+            return [load_config(p["test_dataset"])]
+        if p["type"] == "leave_one_dataset_out":
+            return [load_config(d) for d in p["train_datasets"]]
+        return []
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
         """Generate SynthAU presets once (Lightning calls this on one process per node, before ``setup``), so
         DDP ranks never write the same cache folder at the same time."""
-        names = [self.cfg]
-        if self.protocol["type"] == "cross_dataset":
-            names.append(C.load_dataset(self.protocol["test_dataset"]))
-        for cfg in names:
+        for cfg in [self.cfg, *self._other_configs()]:
             if cfg.get("source") == "synth":
                 open_source(cfg, self.data_root, self.synth_seed, self.progress)
+
+    def _lodo_sources(self, main: PreparedDataset) -> tuple[CombinedSource, PreparedDataset | CombinedSource]:
+        """(training source, test source) of a leave-one-dataset-out protocol: train on every frame of the
+        ``train_datasets``, test on every frame of this dataset, on their common AUs."""
+        if self.kind != "au":
+            raise C.ConfigError(f"{self.name}/{self.protocol_name}: leave_one_dataset_out is an AU-occurrence "
+                                f"protocol; task {self.kind!r} is not supported")
+        cfgs = self._other_configs()
+        if self.name in [c["name"] for c in cfgs]:
+            raise C.ConfigError(f"{self.name}/{self.protocol_name}: train_datasets lists the held-out dataset "
+                                f"{self.name!r} itself; remove it")
+        srcs = {c["name"]: open_source(c, self.data_root, self.synth_seed, self.progress) for c in cfgs}
+        label_sets = {self.name: list(self.cfg.get("labels") or main.aus)}
+        label_sets.update({c["name"]: list(c.get("labels") or srcs[c["name"]].aus) for c in cfgs})
+        wanted = list(self.label_subset) if self.label_subset and self.label_subset != self.cfg.get("labels") else None
+        labels = common_labels(label_sets, wanted, where=f"{self.name}/{self.protocol_name}")
+        self.label_subset = labels
+        layout = _common_layout([main, *srcs.values()])
+        train = CombinedSource(srcs, labels, layout)
+        test = main if main.meta["landmark_layout"] == layout else CombinedSource({self.name: main}, labels, layout)
+        return train, test
 
     def setup(self, stage: str | None = None) -> None:
         if self._is_setup:
             return
         main = open_source(self.cfg, self.data_root, self.synth_seed, self.progress)
+        kind = self.protocol["type"]
+        where = f"{main.root} (protocol {self.protocol_name})"
+        test_ds = main
+        if kind == "leave_one_dataset_out":
+            main, test_ds = self._lodo_sources(main)
+            train_rows, test_rows = np.arange(len(main.index)), np.arange(len(test_ds.index))
+        elif kind == "cross_dataset":
+            other = self._other_configs()[0]
+            test_ds = open_source(other, self.data_root, self.synth_seed, self.progress)
+            train_rows, test_rows = cross_dataset_rows(self.protocol, self.fold, main.index, self.cfg["protocols"],
+                                                       test_ds.index, other.get("protocols") or {}, where=where)
+        else:
+            train_rows, test_rows = split_rows(main.index, self.protocol, self.fold,
+                                               label_names=main.expressions, where=where)
         self.landmark_layout = main.meta["landmark_layout"]
         names = self._label_names(main)
-        threshold = float(self.cfg.get("positive_threshold", main.meta.get("positive_threshold") or 2))
+        threshold = self.protocol.get("positive_threshold", self.cfg.get("positive_threshold"))
+        self.occurrence_from_intensity = self.protocol.get("positive_threshold")
+        threshold = float(threshold if threshold is not None else (main.meta.get("positive_threshold") or 2))
         self.task_spec = TaskSpec(self.kind, names, positive_threshold=threshold)
 
-        train_rows, test_rows = split_rows(main.index, self.protocol, self.fold,
-                                           label_names=main.expressions, where=str(main.root))
-        test_ds = main
-        if self.protocol["type"] == "cross_dataset":
-            other = C.load_dataset(self.protocol["test_dataset"])
-            test_ds = open_source(other, self.data_root, self.synth_seed, self.progress)
-            test_rows = np.arange(len(test_ds.index))
         fit_rows, val_rows = carve_validation(main.index, train_rows, self.val_fraction,
                                               seed=f"{self.name}/{self.protocol_name}/{self.fold}/{self.split_seed}")
         main_arrays = self._arrays(main)
@@ -210,6 +329,7 @@ class AUDataModule(L.LightningDataModule):
             raise C.ConfigError(f"confounder must be 'subject' or 'dataset', got {self.confounder_kind!r}")
         self.stats = self._stats(main_arrays["target"][fit_rows], subj_main[fit_rows], train_subjects,
                                  conf_col_main[fit_rows], confounders)
+        self.fit_targets = main_arrays["target"][fit_rows]  # the fitting rows' task targets (trivial floors)
         for ds, arrays in ((main, main_arrays), (test_ds, test_arrays)):
             subj = ds.index["subject"].astype(str).to_numpy()
             arrays["subject"] = np.searchsorted(self.subject_names, subj).astype(np.int64)
@@ -239,9 +359,10 @@ class AUDataModule(L.LightningDataModule):
 
     def _arrays(self, ds: PreparedDataset) -> dict[str, np.ndarray]:
         names = self.task_spec.names
-        arrays = {"target": _task_targets(ds, self.kind, names)}
+        occ = self.occurrence_from_intensity
+        arrays = {"target": _task_targets(ds, self.kind, names, occ if self.kind == "au" else None)}
         if ds.aus:
-            arrays["au"] = _task_targets(ds, "au", ds.aus if self.kind != "au" else names)
+            arrays["au"] = _task_targets(ds, "au", ds.aus if self.kind != "au" else names, occ)
         if ds.intensity_aus:
             arrays["intensity"] = _task_targets(ds, "intensity", ds.intensity_aus)
         if ds.expressions:
@@ -326,6 +447,20 @@ class AUDataModule(L.LightningDataModule):
         """Provenance rows (dataset, subject, session, frame, ...) of a split, in loader order."""
         self.setup()
         return self.split_sources[split].index.iloc[self.split_rows[split]].reset_index(drop=True)
+
+
+def datamodule_from_config(cfg: dict, fold: int, data_root: str | None = None, progress: bool = True) -> AUDataModule:
+    """The DataModule of a resolved cell config (``data.*``, dataset, protocol, task, confounder, labels)."""
+    d = cfg.get("data", {})
+    return AUDataModule(
+        dataset=cfg.get("dataset_config") or cfg["dataset"], protocol=cfg.get("protocol"), fold=fold,
+        task=cfg.get("task"),
+        data_root=data_root, input_size=d.get("input_size", 64), resize=d.get("resize"),
+        batch_size=d.get("batch_size", 32), eval_batch_size=d.get("eval_batch_size"),
+        num_workers=d.get("num_workers", 0), mean=d.get("mean", (0.5,) * 3), std=d.get("std", (0.5,) * 3),
+        augment=d.get("augment"), confounder=cfg.get("confounder"), val_fraction=d.get("val_fraction"),
+        split_seed=d.get("split_seed", 0), synth_seed=d.get("synth_seed", 0), labels=cfg.get("labels"),
+        max_train_samples=d.get("max_train_samples"), progress=progress)
 
 
 def _lookup(values: np.ndarray, table: list[str]) -> np.ndarray:

@@ -12,7 +12,10 @@ Expected layout under ``--src`` (the distribution as shipped)::
 
 Text alternative for landmarks: ``*_lm.txt`` next to / instead of the .mat (66 lines ``x y``).
 
-Label frame f (1-based) is video frame f-1 (0-based) and landmark file index f-1.
+Label frame f (1-based) is video frame f-1 (0-based) and landmark file index f-1. A label file with a frame
+number below 1 (numbered from 0) or a frame listed twice stops preparation naming the file; so does an intensity
+code that is not an integer 0-5 (never rounded). Video frames after the last labelled one (count from the video
+header) and videos without a label folder are reported as images without labels.
 
 Label convention: intensity 0-5 is kept in ``AU<k>_int`` for all 12 AUs (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25,
 26); occurrence ``AU<k>`` = 1 where intensity >= ``positive_threshold`` (default 2, the standard DISFA
@@ -25,6 +28,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from aurecog.data import prepare as P
@@ -33,6 +37,11 @@ DISFA_AUS = [1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26]
 DISFA_BENCH_AUS = [1, 2, 4, 6, 9, 12, 25, 26]
 LAYOUT = "disfa66"
 _LABEL = re.compile(r"^(SN\d+)_au(\d+)$", re.IGNORECASE)
+OPTION_HELP = {
+    "positive_threshold": "occurrence AU<k> = 1 where intensity >= this (OpenGraphAU: 1)",
+    "camera": "left or right camera videos",
+    "chunk": "frames per work chunk (bounds a worker's memory)",
+}
 
 
 def read_labels(lab_dir: Path, subj: str) -> dict[int, dict[int, int]]:
@@ -43,6 +52,13 @@ def read_labels(lab_dir: Path, subj: str) -> dict[int, dict[int, int]]:
         if not path.exists():
             raise P.PrepareError(f"{path}: label file missing (expected one file per AU {DISFA_AUS})")
         table = P.read_int_table(path, header=False, ncols=2)
+        low = np.flatnonzero(table[:, 0] < 1)
+        if len(low):
+            raise P.PrepareError(f"{path}: line {low[0] + 1} has frame {table[low[0], 0]}; DISFA label frames are "
+                                 "1-based (frame 1 = the first video frame): fix the numbering of this file")
+        frames, counts = np.unique(table[:, 0], return_counts=True)
+        if (counts > 1).any():
+            raise P.PrepareError(f"{path}: frames {frames[counts > 1][:5].tolist()} are listed more than once")
         bad = set(np.unique(table[:, 1]).tolist()) - set(range(6))
         if bad:
             raise P.PrepareError(f"{path}: intensities {sorted(bad)}; expected 0-5")
@@ -67,6 +83,15 @@ def landmark_files(folder: Path) -> dict[int, Path]:
     return out
 
 
+def _frame_count(video: Path) -> int:
+    """Frames of a video according to its header (0 when it cannot be opened); for the report only."""
+    cap = cv2.VideoCapture(str(video))
+    try:
+        return max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))) if cap.isOpened() else 0
+    finally:
+        cap.release()
+
+
 def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=True, *, positive_threshold=2,
             camera="left", chunk=500):
     """Prepare DISFA (12 AUs with intensities, occurrence at intensity >= ``positive_threshold``)."""
@@ -83,16 +108,28 @@ def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=Tr
         raise P.PrepareError(f"{lab_root}: no SNxxx subject folders")
     thr = int(positive_threshold)
     jobs, report = [], []
+    used_videos = set()
     for subj in subjects:
+        labels = read_labels(lab_root / subj, subj)
+        frames_1b = sorted(set().union(*[set(v) for v in labels.values()]))
         video = vid_dir / f"{side}Video{subj}_comp.avi"
         if not video.exists():
             cands = sorted(vid_dir.glob(f"*{subj}*.avi"))
             if not cands:
-                report.append((str(video), f"video missing: all labelled frames of {subj} not prepared"))
+                report.append(P.note(video, f"video missing: the labelled frames of {subj}", "no_image",
+                                     len(frames_1b)))
                 continue
             video = cands[0]
-        labels = read_labels(lab_root / subj, subj)
-        frames_1b = sorted(set().union(*[set(v) for v in labels.values()]))
+        used_videos.add(video.name)
+        n_video = _frame_count(video)
+        if n_video > frames_1b[-1]:
+            report.append(P.note(video, f"video frames after the last labelled frame: frames {frames_1b[-1] + 1}-"
+                                        f"{n_video} (count from the video header)", "unlabelled",
+                                 n_video - frames_1b[-1]))
+        gaps = frames_1b[-1] - len(frames_1b)
+        if gaps:
+            report.append(P.note(video, "video frames in no label file: between the labelled frames", "unlabelled",
+                                 gaps))
         lms = landmark_files(lm_root / subj / "tmp_frame_lm")
         frames = []
         for f in frames_1b:
@@ -104,11 +141,16 @@ def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=Tr
             name = f"{video}#frame{f - 1}"
             lm_file = lms.get(f - 1)
             if lm_file is None:
-                report.append((name, f"landmark file missing: {lm_root / subj / 'tmp_frame_lm'}/*{f - 1:04d}_lm.mat"))
+                report.append(P.note(name, f"landmark file missing: {lm_root / subj / 'tmp_frame_lm'}/*{f - 1:04d}"
+                                           "_lm.mat", "no_landmarks"))
                 continue
             frames.append(P.Frame(row=row, video_index=f - 1, landmark_file=str(lm_file), landmark_reader="disfa_mat",
                                   file=name))
         jobs.append(P.Job(key=f"disfa/{subj}", frames=frames, video=str(video)))  # decoded sequentially
+    for video in sorted(vid_dir.glob("*.avi")):
+        if video.name not in used_videos:
+            report.append(P.note(video, "video without a label folder: not prepared", "unlabelled",
+                                 _frame_count(video)))
     names = [f"AU{a}" for a in DISFA_AUS]
     meta = {
         "name": "disfa", "aus": names, "intensity_aus": names, "expressions": [], "positive_threshold": thr,

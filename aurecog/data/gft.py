@@ -30,7 +30,9 @@ Generic layout (``--src`` = the folder holding ``index.csv``; other CSV name: op
 =====================  ======================================================================================
 
 Rows without landmarks go to the optional dlib detector (``pip install dlib-bin face-recognition-models``).
-Unknown codes become -1. Every problem row is reported (``report.csv``) or raises an error naming the CSV line.
+Unknown codes become -1; a label code or frame number that is not an integer (``0.6``) stops preparation naming
+the CSV line and column (never rounded). Every problem row is reported (``report.csv``) or raises an error naming
+the CSV line.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ from aurecog.data.landmarks import N_POINTS
 
 GFT_AUS = [1, 2, 4, 6, 10, 12, 14, 15, 23, 24]
 _LAYOUT_BY_N = {n: k for k, n in N_POINTS.items()}
+OPTION_HELP = {
+    "name": "dataset name written to the index and meta.json",
+    "csv": "index CSV, relative to --src (or absolute)",
+    "unknown": "the CSV's unknown label code (-1 is always unknown)",
+    "expressions": "expression class list, comma-separated (default: sorted names in the CSV)",
+    "landmark_layout": "layout of landmark files: ibug68, disfa66 or intraface49 (x/y columns: from their count)",
+    "positive_threshold": "occurrence = intensity >= this, when the CSV has only AU<k>_int columns",
+    "chunk": "frames per work chunk (bounds a worker's memory)",
+}
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -73,9 +84,10 @@ def _int_column(df: pd.DataFrame, col: str, path: Path, allowed: set[int], unkno
     for i, v in enumerate(df[col].tolist()):
         v = v.strip()
         try:
-            x = int(round(float(v))) if v != "" else unknown
+            x = P.parse_int(v) if v != "" else unknown
         except ValueError as e:
-            raise P.PrepareError(f"{path}: line {i + 2}, column {col}: {v!r} is not a number") from e
+            raise P.PrepareError(f"{path}: line {i + 2}, column {col}: {v!r} is not an integer code; fix the CSV "
+                                 "(codes are never rounded)") from e
         if x == unknown or x == -1:
             x = P.UNKNOWN
         elif x not in allowed:
@@ -87,11 +99,20 @@ def _int_column(df: pd.DataFrame, col: str, path: Path, allowed: set[int], unkno
 
 def prepare_generic(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=True, *, name="generic",
                     csv="index.csv", unknown=9, expressions=None, landmark_layout=None, positive_threshold=2,
-                    chunk=500, obtain_note=""):
-    """Prepare a dataset described by a generic CSV index (see the module docstring)."""
+                    chunk=500):
+    """Prepare any AU dataset from the generic CSV layout (index.csv; README, "Generic CSV layout")."""
+    return _prepare_csv(src, out, workers, image_size, progress, name=name, csv=csv, unknown=unknown,
+                        expressions=expressions, landmark_layout=landmark_layout,
+                        positive_threshold=positive_threshold, chunk=chunk)
+
+
+def _prepare_csv(src, out, workers, image_size, progress, *, name, csv, unknown, expressions, landmark_layout,
+                 positive_threshold, chunk, obtain_note=""):
     src, out = Path(src), Path(out)
     positive_threshold, unknown, chunk = int(positive_threshold), int(unknown), int(chunk)
     expressions = P.as_list(expressions)
+    if landmark_layout is not None and landmark_layout not in N_POINTS:
+        raise P.PrepareError(f"landmark_layout={landmark_layout}: expected one of {', '.join(N_POINTS)}")
     path = Path(csv) if Path(csv).is_absolute() else src / csv
     df = _read_csv(path)
     for col in ("image", "subject"):
@@ -142,9 +163,9 @@ def prepare_generic(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, pro
         counter[subj] = k + 1
         frame = rec.get("frame", "").strip()
         try:
-            frame = int(float(frame)) if frame else k
+            frame = P.parse_int(frame) if frame else k
         except ValueError as e:
-            raise P.PrepareError(f"{path}: line {i + 2}: frame {frame!r} is not a number") from e
+            raise P.PrepareError(f"{path}: line {i + 2}: frame {frame!r} is not an integer") from e
         row = {"dataset": name, "subject": subj, "session": rec.get("session", "").strip(), "frame": frame}
         if "split" in rec:
             row["split"] = rec["split"].strip()
@@ -161,7 +182,7 @@ def prepare_generic(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, pro
                 except ValueError as e:
                     raise P.PrepareError(f"{path}: line {i + 2}: non-numeric landmark value") from e
             elif any(raw):
-                report.append((str(img), f"{path.name} line {i + 2}: incomplete landmark columns"))
+                report.append(P.note(img, f"incomplete landmark columns: {path.name} line {i + 2}", "no_landmarks"))
                 continue
         elif "landmarks" in rec and rec["landmarks"].strip():
             lp = Path(rec["landmarks"].strip())
@@ -192,9 +213,10 @@ def prepare_generic(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, pro
                           progress=progress, columns=P.int8_columns(aus, iaus, bool(expr_names)), extra_report=report)
 
 
-def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=True, **options):
-    """Prepare GFT from the generic layout (``<src>/index.csv``); name ``gft``. The CSV's ``split`` column should
-    carry the official train/test partition from the GFT meta-data (see configs/datasets/gft.yaml)."""
-    options.setdefault("name", "gft")
-    options.setdefault("obtain_note", "GFT via the generic CSV layout")
-    return prepare_generic(src, out, workers=workers, image_size=image_size, progress=progress, **options)
+def prepare(src, out, workers=None, image_size=P.DEFAULT_IMAGE_SIZE, progress=True, *, name="gft", csv="index.csv",
+            unknown=9, expressions=None, landmark_layout=None, positive_threshold=2, chunk=500):
+    """Prepare GFT from the generic CSV layout (index.csv with a split column: the official partition)."""
+    return _prepare_csv(src, out, workers, image_size, progress, name=name, csv=csv, unknown=unknown,
+                        expressions=expressions, landmark_layout=landmark_layout,
+                        positive_threshold=positive_threshold, chunk=chunk,
+                        obtain_note="GFT via the generic CSV layout")

@@ -7,18 +7,22 @@ Entry point (wired to ``aurecog prepare <dataset> --src --out`` and ``make prepa
 Shared machinery, used by one reader module per dataset (``bp4d``, ``bp4dplus``, ``disfa``, ``gft``,
 ``affwild2``, ``fermix``, ``generic``):
 
-* **Alignment** (:func:`align_face`): a similarity transform (rotation + isotropic scale + translation) that
-  maps the two eye centres (means of the eye-contour landmarks of the layout) onto the canonical positions
-  :data:`CANONICAL_EYES` (fractions of the output size: image-left eye at (0.35, 0.40), image-right eye at
+* **Alignment** (:mod:`aurecog.data.align`): a similarity transform (rotation + isotropic scale + translation)
+  that maps the two eye centres (means of the eye-contour landmarks of the layout) onto the canonical positions
+  ``CANONICAL_EYES`` (fractions of the output size: image-left eye at (0.35, 0.40), image-right eye at
   (0.65, 0.40)); the image is warped with it to ``image_size`` x ``image_size`` and the landmarks are
   transformed with the same matrix.
 * **Landmarks**: the dataset's own landmarks where it ships them (BP4D/BP4D+ 49 points, DISFA 66, CK+ 68);
   otherwise the optional dlib detector (:func:`detect_landmarks`, iBUG 68 points), imported lazily; without it
   preparation stops with ``pip install dlib-bin face-recognition-models``.
 * **Report**: a frame whose image, face or landmarks cannot be read, or whose labels are unusable, is not
-  written; it is listed in ``<out>/report.csv`` (columns ``file, reason``), counted and summarised on stdout.
-  Nothing is dropped silently. Structural problems (missing folder, label file with a wrong column count,
-  unparsable values) raise :class:`PrepareError` naming the file.
+  written; it is listed in ``<out>/report.csv`` (columns ``file, reason, kind, frames``: one line may stand for
+  several frames, e.g. a sequence without a label file; :mod:`aurecog.data.report`), counted per kind and
+  summarised on stdout (frames found, prepared, per kind, per reason); readers write the lines with
+  :func:`~aurecog.data.report.note`. Nothing is dropped silently. Structural problems (missing folder, label
+  file with a wrong column count, a non-integer or out-of-range code, a header that does not name what the
+  reader expects) raise :class:`PrepareError` naming the file; ``aurecog prepare`` prints it as one line and
+  exits 2.
 * **Resumable parallel writer** (:func:`prepare_jobs`): the work is cut into jobs (a sequence, a video chunk,
   a subject); each job is processed in a ``multiprocessing.Pool`` (``workers`` processes, default: the
   machine's cores) and saved as a chunk in ``<out>.work/`` with a done-marker holding a fingerprint of the job's
@@ -30,7 +34,6 @@ Shared machinery, used by one reader module per dataset (``bp4d``, ``bp4dplus``,
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import json
@@ -49,78 +52,19 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from aurecog.data.align import BORDER_VALUE, CANONICAL_EYES, align_face, check_landmarks
 from aurecog.data.landmarks import N_POINTS, check_layout
 from aurecog.data.prepared import UNKNOWN, PreparedWriter
+from aurecog.data.report import note, reason_kind, report_counts, summary, write_report
 
 DEFAULT_IMAGE_SIZE = 256
-#: Canonical eye centres as fractions of the output size (x, y): image-left eye, image-right eye.
-CANONICAL_EYES = ((0.35, 0.40), (0.65, 0.40))
-#: Eye-contour landmark indices of each layout: (image-left eye, image-right eye) for a frontal face.
-EYE_INDICES = {
-    "ibug68": (list(range(36, 42)), list(range(42, 48))),
-    "disfa66": (list(range(36, 42)), list(range(42, 48))),  # DISFA drops 60/64 only: eyes keep iBUG indices
-    "intraface49": (list(range(19, 25)), list(range(25, 31))),
-}
 DETECTOR_HINT = "pip install dlib-bin face-recognition-models"
-BORDER_VALUE = (0, 0, 0)
+#: bump when the chunk format (report lines) changes: old ``<out>.work`` chunks are then redone
+CHUNK_VERSION = 2
 
 
 class PrepareError(RuntimeError):
     """The distribution is not where or what the preparer expects; the message names the file or folder."""
-
-
-# ---------------------------------------------------------------------------------------------------- alignment
-def canonical_eyes(size: int) -> np.ndarray:
-    """Canonical eye centres in pixels for an output of ``size`` x ``size`` (2 x 2: left, right)."""
-    return np.asarray(CANONICAL_EYES, dtype=np.float64) * size
-
-
-def eye_centres(landmarks: np.ndarray, layout: str) -> np.ndarray:
-    left, right = EYE_INDICES[layout]
-    lm = np.asarray(landmarks, dtype=np.float64)
-    return np.stack([lm[left].mean(0), lm[right].mean(0)])
-
-
-def similarity_from_eyes(eyes: np.ndarray, size: int) -> np.ndarray:
-    """2 x 3 similarity matrix mapping the two source eye centres exactly onto the canonical ones."""
-    src = eyes[:, 0] + 1j * eyes[:, 1]
-    dst_xy = canonical_eyes(size)
-    dst = dst_xy[:, 0] + 1j * dst_xy[:, 1]
-    if abs(src[1] - src[0]) < 1e-6:
-        raise ValueError("eye centres coincide")
-    c = (dst[1] - dst[0]) / (src[1] - src[0])  # rotation + scale
-    t = dst[0] - c * src[0]
-    return np.array([[c.real, -c.imag, t.real], [c.imag, c.real, t.imag]], dtype=np.float64)
-
-
-def check_landmarks(landmarks, layout: str) -> str | None:
-    """None when usable, else the reason (wrong shape, NaN, degenerate eyes)."""
-    lm = np.asarray(landmarks, dtype=np.float64) if landmarks is not None else None
-    if lm is None or lm.size == 0:
-        return "no landmarks"
-    if lm.shape != (N_POINTS[layout], 2):
-        return f"landmarks have shape {tuple(lm.shape)}, expected ({N_POINTS[layout]}, 2) for {layout}"
-    if not np.isfinite(lm).all():
-        return "landmarks contain NaN/inf"
-    eyes = eye_centres(lm, layout)
-    if np.linalg.norm(eyes[1] - eyes[0]) < 1.0:
-        return "degenerate landmarks (eye centres coincide)"
-    return None
-
-
-def align_face(image_bgr: np.ndarray, landmarks: np.ndarray, layout: str, size: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Warp a BGR (or gray) frame to the canonical ``size`` crop; returns (RGB uint8 S x S x 3, landmarks L x 2)."""
-    if image_bgr.ndim == 2:
-        image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2BGR)
-    elif image_bgr.shape[2] == 4:
-        image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_BGRA2BGR)
-    lm = np.asarray(landmarks, dtype=np.float64)
-    m = similarity_from_eyes(eye_centres(lm, layout), size)
-    crop = cv2.warpAffine(image_bgr, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=BORDER_VALUE)
-    out_lm = lm @ m[:, :2].T + m[:, 2]
-    return cv2.cvtColor(crop, cv2.COLOR_BGR2RGB), out_lm.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- detector
@@ -297,7 +241,7 @@ def _read_frame_landmarks(fr: Frame, layout: str) -> tuple[np.ndarray | None, st
             return read_disfa_landmarks(p), None
         return read_landmark_text(p), None
     except PrepareError as e:
-        return None, str(e)
+        return None, f"unreadable landmark file: {e}"
 
 
 def read_disfa_landmarks(path: Path) -> np.ndarray:
@@ -353,7 +297,8 @@ def iter_job_parts(job: Job, settings: Settings):
     if job.video is not None:
         video = _VideoReader(job.video)
         if not video.ok:
-            report = [(f.file or f"{job.video}#{f.video_index}", f"cannot open video {job.video}") for f in job.frames]
+            report = [note(f.file or f"{job.video}#{f.video_index}", f"cannot open video: {job.video}", "unreadable")
+                      for f in job.frames]
             yield _stack([], [], settings.image_size, settings.layout) + ([], list(job.report) + report)
             return
     step = max(1, int(settings.part_size))
@@ -380,31 +325,34 @@ def _process_frames(frames: list[Frame], job: Job, settings: Settings, video: _V
             img = video.get(fr.video_index)
             if img is None:
                 ended = video.ended_at
-                report.append((fr.file, "unreadable frame" if ended is None
-                               else f"frame {fr.video_index} unreadable: video ended after {ended} frames"))
+                report.append(note(fr.file, "unreadable frame", "unreadable") if ended is None else note(
+                    fr.file, f"video ended before this frame: frame index {fr.video_index}, the video has {ended} "
+                             "frames", "no_image"))
                 continue
         else:
             img = read_image(fr.image)
             if img is None:
-                reason = ("unreadable image" if "::" not in fr.image and os.path.exists(fr.image)
-                          else "image missing or unreadable" if "::" in fr.image else "image missing")
-                report.append((fr.file or fr.image, reason))
+                if "::" not in fr.image and os.path.exists(fr.image):
+                    report.append(note(fr.file or fr.image, "unreadable image", "unreadable"))
+                else:
+                    report.append(note(fr.file or fr.image, "image missing or unreadable" if "::" in fr.image
+                                       else "image missing", "no_image"))
                 continue
         lm, problem = _read_frame_landmarks(fr, layout)
         if lm is None and problem is None and job.detector:
             lm = detect_landmarks(img)
             if lm is None:
-                report.append((fr.file, "no face detected"))
+                report.append(note(fr.file, "no face detected", "no_landmarks"))
                 continue
             if layout != "ibug68":
                 from aurecog.data.landmarks import DISFA66_FROM_IBUG68, INTRAFACE49_FROM_IBUG68
                 lm = lm[INTRAFACE49_FROM_IBUG68 if layout == "intraface49" else DISFA66_FROM_IBUG68]
         if lm is None:
-            report.append((fr.file, problem or "no landmarks"))
+            report.append(note(fr.file, problem or "no landmarks", "no_landmarks"))
             continue
         bad = check_landmarks(lm, layout)
         if bad:
-            report.append((fr.file, bad))
+            report.append(note(fr.file, bad, "no_landmarks"))
             continue
         crop, out_lm = align_face(img, lm, layout, size)
         images.append(crop)
@@ -479,12 +427,13 @@ def default_workers() -> int:
 
 def prepare_jobs(jobs: Sequence[Job], out: str | os.PathLike, *, layout: str, meta: dict[str, Any],
                  image_size: int = DEFAULT_IMAGE_SIZE, workers: int | None = None, progress: bool = True,
-                 columns: dict[str, Any] | None = None, extra_report: Sequence[tuple[str, str]] = (),
+                 columns: dict[str, Any] | None = None, extra_report: Sequence[tuple[str, str, str, int]] = (),
                  part_size: int = 500) -> Path:
     """Process ``jobs`` (resumably, in parallel) and write the prepared dataset to ``out``.
 
-    ``columns`` maps index columns to dtypes (``int8`` labels etc.); ``extra_report`` holds lines found while
-    listing the distribution; ``part_size`` frames are held in a worker's memory at a time. Returns ``out``.
+    ``columns`` maps index columns to dtypes (``int8`` labels etc.); ``extra_report`` holds the :func:`note`
+    lines found while listing the distribution; ``part_size`` frames are held in a worker's memory at a time.
+    Returns ``out``.
     """
     check_layout(layout)
     out = Path(out)
@@ -493,7 +442,7 @@ def prepare_jobs(jobs: Sequence[Job], out: str | os.PathLike, *, layout: str, me
         dup = [k for k, c in Counter(keys).items() if c > 1]
         raise PrepareError(f"internal error: duplicate job keys {dup[:5]}")
     work = out.with_name(out.name + ".work")
-    stamp = {"name": meta.get("name"), "image_size": image_size, "layout": layout,
+    stamp = {"name": meta.get("name"), "image_size": image_size, "layout": layout, "chunks": CHUNK_VERSION,
              "meta": hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()}
     stamp_file = work / "settings.json"
     if work.exists():
@@ -556,11 +505,11 @@ def _merge(jobs, work, out, layout, meta, image_size, columns, extra_report, pro
         info = json.loads(base.with_suffix(".json").read_text())
         parts.append((base, info))
         n += len(info["rows"])
-    report = list(extra_report)
+    report = [note(*r) for r in extra_report]
     for _, info in parts:
-        report.extend(tuple(r) for r in info["report"])
+        report.extend(note(*r) for r in info["report"])
     if n == 0:
-        _write_report(out.with_name(out.name + ".report.csv"), report)
+        write_report(out.with_name(out.name + ".report.csv"), report)
         raise PrepareError(
             f"no frame could be prepared ({len(report)} problems, listed in {out.name}.report.csv next to {out}); "
             "check --src")
@@ -588,45 +537,38 @@ def _merge(jobs, work, out, layout, meta, image_size, columns, extra_report, pro
     index["frame"] = index["frame"].astype(np.int64)
     for col in ("dataset", "subject", "session"):
         index[col] = index[col].astype(str)
-    reasons = Counter(reason_kind(r) for _, r in report)
-    meta = dict(meta, n_reported=len(report), report_reasons=dict(reasons),
+    reasons = Counter(reason_kind(r[1]) for r in report)
+    counts = report_counts(n, report)
+    meta = dict(meta, n_reported=len(report), report_reasons=dict(reasons), counts=counts,
                 alignment={"method": "similarity transform on the eye centres",
                            "canonical_eyes": [list(e) for e in CANONICAL_EYES], "border": list(BORDER_VALUE)})
-    _write_report(writer.tmp_dir / "report.csv", report)
+    write_report(writer.tmp_dir / "report.csv", report)
     writer.finalize(index, meta)
     shutil.rmtree(work, ignore_errors=True)
     old_report = out.with_name(out.name + ".report.csv")
     if old_report.exists():
         old_report.unlink()
-    _summary(meta.get("name"), out, n, report, reasons)
+    print(summary(meta.get("name"), out, counts, report))
     return out
 
 
-def reason_kind(reason: str) -> str:
-    """A report reason without its file names and numbers, for the summary counts."""
-    return re.sub(r"\d+", "N", str(reason).split(": ")[0].split(" in /")[0]).strip()
-
-
-def _write_report(path: Path, report):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "reason"])
-        w.writerows(report)
-
-
-def _summary(name, out, n, report, reasons):
-    print(f"[prepare] {name}: wrote {n} frames to {out}")
-    if report:
-        print(f"[prepare] {len(report)} frames/files not prepared, listed in {out / 'report.csv'}:")
-        for reason, c in reasons.most_common(10):
-            print(f"    {c:8d}  {reason}")
-    else:
-        print("[prepare] nothing reported: every listed frame was prepared")
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
+def parse_int(text: str) -> int:
+    """An integer code written as ``3``, ``3.0`` or ``3.0000000e+00``; ValueError for anything else (``0.6`` is
+    not rounded: a label code that is not an integer means the file is not what the reader expects)."""
+    t = str(text).strip()
+    try:
+        return int(t)
+    except ValueError:
+        x = float(t)  # ValueError for non-numbers
+        if not np.isfinite(x) or x != int(x):
+            raise ValueError(f"{t!r} is not an integer") from None
+        return int(x)
+
+
 def read_int_table(path: Path, *, header: bool, ncols: int | None = None, sep: str = ",") -> np.ndarray:
-    """An integer CSV/TXT table; PrepareError naming the file on a wrong column count or non-integers."""
+    """An integer CSV/TXT table; PrepareError naming the file and line on a wrong column count or a value that
+    is not an integer (``1.0`` is accepted, ``0.6`` is not rounded)."""
     try:
         rows = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
     except OSError as e:
@@ -638,10 +580,14 @@ def read_int_table(path: Path, *, header: bool, ncols: int | None = None, sep: s
         parts = [p.strip() for p in (ln.split(sep) if sep else ln.split())]
         if ncols is not None and len(parts) != ncols:
             raise PrepareError(f"{path}: line {i} has {len(parts)} columns, expected {ncols}")
-        try:
-            out.append([int(round(float(p))) for p in parts])
-        except ValueError as e:
-            raise PrepareError(f"{path}: line {i} is not numeric: {ln[:80]!r}") from e
+        row = []
+        for j, p in enumerate(parts, start=1):
+            try:
+                row.append(parse_int(p))
+            except ValueError as e:
+                raise PrepareError(f"{path}: line {i}, column {j}: {p!r} is not an integer code; fix the file "
+                                   "(codes are never rounded)") from e
+        out.append(row)
     if out and len({len(r) for r in out}) > 1:
         raise PrepareError(f"{path}: rows have different column counts")
     return np.asarray(out, dtype=np.int64).reshape(len(out), -1 if out else (ncols or 0))
@@ -677,36 +623,80 @@ def int8_columns(aus: Sequence[str], intensity_aus: Sequence[str] = (), expressi
 
 
 # ---------------------------------------------------------------------------------------------------- registry
-def _lazy(module: str, function: str = "prepare") -> Callable:
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(f"aurecog.data.{module}"), function)(*args, **kwargs)
-
-    call.__name__ = f"prepare_{module}"
-    call.__doc__ = f"aurecog.data.{module}.{function} (imported on first use)"
-    return call
-
-
-#: dataset name -> ``prepare(src, out, workers=None, image_size=256, progress=True, **options)``
-PREPARERS: dict[str, Callable] = {
-    "bp4d": _lazy("bp4d"),
-    "bp4dplus": _lazy("bp4dplus"),
-    "disfa": _lazy("disfa"),
-    "gft": _lazy("gft"),
-    "generic": _lazy("gft", "prepare_generic"),
-    "affwild2": _lazy("affwild2"),
-    "fermix": _lazy("fermix"),
+#: dataset name -> (reader module, function); each function is
+#: ``prepare(src, out, workers=None, image_size=256, progress=True, *, <options>)``
+PREPARERS: dict[str, tuple[str, str]] = {
+    "bp4d": ("bp4d", "prepare"),
+    "bp4dplus": ("bp4dplus", "prepare"),
+    "disfa": ("disfa", "prepare"),
+    "gft": ("gft", "prepare"),
+    "generic": ("gft", "prepare_generic"),
+    "affwild2": ("affwild2", "prepare"),
+    "fermix": ("fermix", "prepare"),
 }
 
 
-def run(dataset: str, src: str | os.PathLike, out: str | os.PathLike, workers: int | None = None,
-        image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True, **options) -> Path:
-    """Prepare ``dataset`` from the distribution folder ``src`` into the prepared folder ``out``."""
+def preparer(dataset: str) -> Callable:
+    """The prepare function of ``dataset`` (its module imported on first use)."""
     if dataset not in PREPARERS:
         raise PrepareError(f"no preparer for {dataset!r}; known: {', '.join(sorted(PREPARERS))}")
+    module, function = PREPARERS[dataset]
+    return getattr(importlib.import_module(f"aurecog.data.{module}"), function)
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def options(dataset: str) -> dict[str, tuple[Any, str]]:
+    """``--option`` keys of ``dataset``: key -> (default, description); the keyword-only parameters of its
+    prepare function, described in its module's ``OPTION_HELP``."""
+    import inspect
+
+    fn = preparer(dataset)
+    helps = getattr(sys.modules[fn.__module__], "OPTION_HELP", {})
+    out = {}
+    for name, par in inspect.signature(fn).parameters.items():
+        if par.kind is inspect.Parameter.KEYWORD_ONLY:
+            out[name] = (par.default, helps.get(name, ""))
+    return out
+
+
+def options_help() -> str:
+    """The datasets ``aurecog prepare`` knows and each one's ``--option`` keys with their defaults."""
+    lines = ["datasets and their --option KEY=VALUE keys (default after =):"]
+    for name in PREPARERS:
+        fn = preparer(name)
+        doc = (fn.__doc__ or "").strip().splitlines()[0].replace("``", "") if fn.__doc__ else ""
+        lines.append(f"  {name:9s} {doc}")
+        for key, (default, text) in options(name).items():
+            kv = f"{key}={_show(default)}"
+            lines.append(f"      {kv:36s} {text}")
+    return "\n".join(lines)
+
+
+def run(dataset: str, src: str | os.PathLike, out: str | os.PathLike, workers: int | None = None,
+        image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True, **opts) -> Path:
+    """Prepare ``dataset`` from the distribution folder ``src`` into the prepared folder ``out``; ``opts`` are
+    the dataset's :func:`options` (unknown keys: PrepareError listing the known ones)."""
+    fn = preparer(dataset)
+    known = options(dataset)
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise PrepareError(f"unknown --option {', '.join(unknown)} for {dataset}; its options are "
+                           f"{', '.join(f'{k}={_show(d)}' for k, (d, _) in known.items()) or 'none'}")
+    for key, value in list(opts.items()):
+        default = known[key][0]
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, str):
+            try:
+                opts[key] = int(value)
+            except ValueError:
+                raise PrepareError(f"--option {key}={value}: expected an integer (default {default})") from None
     src = Path(src)
     if not src.is_dir():
         raise PrepareError(f"--src {src} is not a folder")
     if int(image_size) < 16:
         raise PrepareError(f"image_size {image_size} is too small")
-    return PREPARERS[dataset](src, Path(out), workers=workers, image_size=int(image_size), progress=progress,
-                              **options)
+    return fn(src, Path(out), workers=workers, image_size=int(image_size), progress=progress, **opts)

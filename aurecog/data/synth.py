@@ -39,6 +39,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import zlib
@@ -49,10 +50,20 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from aurecog.data.landmarks import IBUG68_FLIP
-from aurecog.data.prepared import MAX_INTENSITY, UNKNOWN, PreparedDataset, PreparedWriter
+from aurecog.data.prepared import (
+    MAX_INTENSITY,
+    UNKNOWN,
+    PreparedDataset,
+    PreparedFormatError,
+    PreparedWriter,
+    verify,
+)
+
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 3  # bump whenever images or labels change: cached folders are keyed by it (v1: pre-release;
 #                        v2 -> v3: AU_GAIN 1.25 -> 2.0)
@@ -1296,14 +1307,50 @@ def generate(preset: str = "synth", seed: int = 0, cache_dir: str | os.PathLike 
              overrides: dict[str, Any] | None = None) -> Path:
     """Generate a preset into ``<cache_dir>/<preset>-seed<seed>-v<version>`` once; return the prepared folder.
 
-    A folder with ``COMPLETE`` is reused as is. ``overrides`` replaces Preset fields (e.g.
-    ``{"n_subjects": 6}``) and gives the folder a distinct suffix.
+    An existing folder is reused only if it passes :func:`aurecog.data.prepared.verify` (``COMPLETE``, the
+    manifest's sizes and hashes); a bad one (truncated, overwritten, interrupted, written before manifests) is
+    regenerated with a one-line warning. An intact folder is returned without locking; otherwise the check and
+    the generation run under ``<cache_dir>/<folder>.lock`` (a file lock), so processes asking for the same
+    preset at once generate it once and the others wait and reuse it.
+    ``overrides`` replaces Preset fields (e.g. ``{"n_subjects": 6}``) and gives the folder a distinct suffix.
     """
     pre = get_preset(preset, overrides)
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = out / dataset_dirname(preset, seed, overrides)
-    if (out / "COMPLETE").exists():
+    if _cache_problem(out) is None:  # intact: no lock needed (the usual case, and what parallel cells hit)
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("SynthAU %s: another process is generating %s; waiting for it", preset, out)
+        lock.acquire()
+    try:
+        problem = _cache_problem(out)  # again under the lock: another process may have just written it
+        if problem is None:
+            return out
+        if out.exists():
+            log.warning("SynthAU cache %s is unusable (%s); regenerating it", out, problem)
+        return _write(pre, seed, out, progress, overrides)
+    finally:
+        lock.release()
+
+
+def _cache_problem(out: Path) -> str | None:
+    """Why a cached folder cannot be reused (None: it is intact)."""
+    if not out.exists():
+        return "absent"
+    if not (out / "COMPLETE").exists():
+        return "no COMPLETE marker"
+    try:
+        verify(out)
+    except PreparedFormatError as e:
+        return str(e).split(";")[0]
+    return None
+
+
+def _write(pre: Preset, seed: int, out: Path, progress: bool, overrides: dict[str, Any] | None) -> Path:
     sessions = _plan(pre, seed)
     writer = PreparedWriter(out, sum(len(s.frames) for s in sessions), pre.image_size, "ibug68")
     _render_into(pre, seed, sessions, writer.images, writer.landmarks, progress)

@@ -650,9 +650,13 @@ class AC2D(AUModel):
 
 # ---------------------------------------------------------------------------------------------------------------
 def complexity(num_aus: int = 12, image_size: int = 176, cfg: dict | None = None) -> dict:
-    """Parameters and multiply-accumulates (FlopCounterMode flops / 2) of the AC²D network for one image."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Parameters and multiply-accumulates of the AC²D network for one image.
 
+    MACs come from :class:`aurecog.models.complexity.FlopCounter` (FLOPs / 2), which counts attention with
+    explicit formulas and fails on any uncounted compute-heavy op, so the figure is the same on every torch
+    release (torch 2.14.1's own FlopCounterMode misses the CPU attention kernel and gives 2.2G instead of 4.5G).
+    """
+    from aurecog.models.complexity import FlopCounter
     from aurecog.tasks import TaskSpec, TrainStats
 
     names = [f"AU{a}" for a in (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24, 25, 26, 9)[:num_aus]]
@@ -662,9 +666,9 @@ def complexity(num_aus: int = 12, image_size: int = 176, cfg: dict | None = None
     model = AC2D(task, stats, cfg or {"ac2d": {}}).eval()
     params = sum(p.numel() for p in model.parameters())
     batch = {"image": torch.zeros(1, 3, image_size, image_size)}
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), FlopCounter() as fc:
         model(batch)
-    flops = fc.get_total_flops()
+    flops = fc.flops
     return {"params": params, "macs": flops / 2, "flops": flops,
             "params_trunk": sum(p.numel() for p in model.net.stem.parameters())
             + sum(p.numel() for p in model.net.stage1.parameters())

@@ -13,13 +13,10 @@ panel per AU with A^avg(j) (bilinearly upsampled from the l/8 x l/8 key grid) ov
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from aurecog.config import REPO_ROOT
 
 
 @torch.no_grad()
@@ -74,28 +71,20 @@ def render_attention(model, batch: dict, out_path: str | Path, max_images: int =
     return out_path
 
 
-def resolve_checkpoint(run_dir: str | Path | None = None, ckpt: str | Path | None = None,
-                       ckpt_root: str | Path | None = None) -> tuple[Path, int]:
-    """(checkpoint path, fold) from a run folder ``.../<dataset>/<model>/<fold>-<seed>`` or a checkpoint path."""
+def resolve_checkpoint(run_dir: str | Path | None = None, ckpt: str | Path | None = None) -> tuple[Path, int]:
+    """(checkpoint path, fold) from a run folder ``.../<dataset>/<model>/<fold>-<seed>`` (its
+    ``checkpoints/best.ckpt``) or a checkpoint path (fold from the folder name ``<fold>-<seed>`` above it)."""
     if ckpt is not None:
         ckpt = Path(ckpt)
-        parent = ckpt.parent.name
+        parent = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.parent.name
         fold = int(parent.split("-")[0]) if parent.split("-")[0].isdigit() else 0
         return ckpt, fold
     run_dir = Path(run_dir)
-    fold_seed = run_dir.name
-    model_name = run_dir.parent.name
-    dataset = run_dir.parent.parent.name
-    cfg_file = run_dir / "config.json"
-    if cfg_file.exists():
-        cfg = json.loads(cfg_file.read_text())
-        dataset, model_name = cfg["dataset"], cfg["model"]["name"]
-    root = Path(ckpt_root) if ckpt_root else REPO_ROOT / "checkpoints"
-    path = root / dataset / model_name / fold_seed / "best.ckpt"
+    path = run_dir / "checkpoints" / "best.ckpt"
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path} (the cell runner writes checkpoints/<dataset>/<model>/"
-                                f"<fold>-<seed>/best.ckpt; pass --ckpt to point at one directly)")
-    return path, int(fold_seed.split("-")[0])
+        raise FileNotFoundError(f"no checkpoint at {path} (the cell runner writes <run folder>/checkpoints/best.ckpt;"
+                                " pass --ckpt to point at one directly)")
+    return path, int(run_dir.name.split("-")[0])
 
 
 def load_model(ckpt: str | Path):
@@ -105,9 +94,9 @@ def load_model(ckpt: str | Path):
 
 
 def test_batch(cfg: dict, fold: int, n: int, data_root: str | None = None) -> dict:
-    from aurecog.runner.cell import build_datamodule
+    from aurecog.data.datamodule import datamodule_from_config
 
-    dm = build_datamodule(cfg, fold, data_root, progress=False)
+    dm = datamodule_from_config(cfg, fold, data_root, progress=False)
     dm.setup("test")
     ds = dm.dataset("test")
     items = [ds[i] for i in range(min(n, len(ds)))]
@@ -121,10 +110,9 @@ def main(argv: list[str] | None = None) -> Path:
     src.add_argument("--ckpt", help="an AC²D checkpoint (best.ckpt)")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--n", type=int, default=4, help="number of test faces")
-    p.add_argument("--ckpt-root", default=None)
     p.add_argument("--data-root", default=None)
     args = p.parse_args(argv)
-    ckpt, fold = resolve_checkpoint(args.run_dir, args.ckpt, args.ckpt_root)
+    ckpt, fold = resolve_checkpoint(args.run_dir, args.ckpt)
     model = load_model(ckpt)
     cfg = model.cfg
     batch = test_batch(cfg, fold, args.n, args.data_root)

@@ -7,10 +7,12 @@ folder with ``metrics.json`` is a finished cell):
 * ``config.json``: the resolved config (profile included)
 * ``history.csv``: per-epoch training loss and validation metrics (training curves)
 * ``predictions.parquet``: per test sample: provenance, scores, targets
-* ``environment.json``: versions, device, git revision, command, wall time
-* ``metrics.json``: test metrics (per label and mean), per-subject PCC similarity, selected epoch
+* ``environment.json``: versions, device, git revision, lock hash, command, wall time
+* ``metrics.json``: test metrics (per label and mean), per-subject PCC similarity, selected epoch, and the cell's
+  ``identity`` (:mod:`aurecog.runner.identity`): the runner reuses a finished cell only for the same identity
 
-Checkpoints go to ``checkpoints/`` (git-ignored). W&B runs go to ``<run folder>/wandb`` (git-ignored).
+The checkpoint lives in the run folder, ``<run folder>/checkpoints/best.ckpt`` (git-ignored), so a results folder
+never reads or writes another one's checkpoints. W&B runs go to ``<run folder>/wandb`` (git-ignored).
 
 Executed as ``python -m aurecog.runner.cell <spec.json>`` by the grid runner, so each cell has its own
 process, and Lightning's DDP launcher can re-execute the same command for ranks >= 1.
@@ -85,28 +87,21 @@ def environment() -> dict:
     import torch
     import torchmetrics
 
+    from aurecog.runner.identity import git_state, lock_fingerprint
+
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
     return {
         "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
         "timm": timm.__version__, "torchmetrics": torchmetrics.__version__, "device": dev,
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "host": platform.node(),
-        "git_revision": git_revision(),
+        "git_revision": git_revision(), "git": git_state(), "lock_sha256_16": lock_fingerprint(),
     }
 
 
 def build_datamodule(cfg: dict, fold: int, data_root: str | None = None, progress: bool = True):
-    from aurecog.data.datamodule import AUDataModule
+    from aurecog.data.datamodule import datamodule_from_config
 
-    d = cfg.get("data", {})
-    return AUDataModule(
-        dataset=cfg.get("dataset_config") or cfg["dataset"], protocol=cfg.get("protocol"), fold=fold,
-        task=cfg.get("task"),
-        data_root=data_root, input_size=d.get("input_size", 64), resize=d.get("resize"),
-        batch_size=d.get("batch_size", 32), eval_batch_size=d.get("eval_batch_size"),
-        num_workers=d.get("num_workers", 0), mean=d.get("mean", (0.5,) * 3), std=d.get("std", (0.5,) * 3),
-        augment=d.get("augment"), confounder=cfg.get("confounder"), val_fraction=d.get("val_fraction"),
-        split_seed=d.get("split_seed", 0), synth_seed=d.get("synth_seed", 0), labels=cfg.get("labels"),
-        max_train_samples=d.get("max_train_samples"), progress=progress)
+    return datamodule_from_config(cfg, fold, data_root, progress)
 
 
 class HistoryCallback(L.Callback):
@@ -208,26 +203,42 @@ def predictions_frame(dm, preds: dict, names: list[str], kind: str) -> pd.DataFr
     return out.sort_values(["sample"]).reset_index(drop=True)
 
 
-def checkpoint_subpath(run_dir: Path, cfg: dict, fold: int, seed: int) -> Path:
-    """``<dataset>/<model>[/<protocol>[-<task>]]/<fold>-<seed>``: the run folder's path below ``runs/``, so cells
-    of other protocols or tasks never share a checkpoint folder."""
+CHECKPOINT = Path("checkpoints") / "best.ckpt"  # below the run folder
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    """The selected checkpoint of a run folder (or a path to a checkpoint file, returned as is)."""
+    run_dir = Path(run_dir)
+    return run_dir if run_dir.suffix == ".ckpt" else run_dir / CHECKPOINT
+
+
+def results_root(run_dir: Path) -> Path:
+    """The results folder of a run folder ``<results>/runs/<dataset>/...``."""
     parts = Path(run_dir).parts
     if "runs" not in parts:
-        return Path(cfg["dataset"], cfg["model"]["name"], f"{fold}-{seed}")
+        raise ValueError(f"{run_dir} is not below a results folder's runs/ directory")
     last_runs = len(parts) - 1 - parts[::-1].index("runs")
-    return Path(*parts[last_runs + 1:])
+    return Path(*parts[:last_runs])
 
 
-def initialise(model, cfg: dict, ckpt_root: Path, fold: int, seed: int) -> dict | None:
-    """``init.checkpoint: PATH`` or ``init.from_dataset: NAME`` (the same model, fold and seed trained on NAME,
-    e.g. AC²D's DISFA model from BP4D, paper 4.1.3): load it with per-label parameters mapped by label name."""
+def initialise(model, cfg: dict, run_dir: Path, fold: int, seed: int) -> dict | None:
+    """``init.checkpoint: PATH`` or ``init.from_dataset: NAME`` (the same model, fold and seed trained on NAME in
+    the same results folder, e.g. AC²D's DISFA model from BP4D, paper 4.1.3): load it with per-label parameters
+    mapped by label name."""
     init = cfg.get("init") or {}
     if not (init.get("checkpoint") or init.get("from_dataset")):
         return None
     from aurecog.models.transfer import init_from_checkpoint
 
-    path = Path(init.get("checkpoint") or ckpt_root / init["from_dataset"] / cfg["model"]["name"]
-                / f"{fold}-{seed}" / "best.ckpt")
+    if init.get("checkpoint"):
+        path = checkpoint_path(Path(init["checkpoint"]))
+    else:
+        path = checkpoint_path(results_root(run_dir) / "runs" / init["from_dataset"] / cfg["model"]["name"]
+                               / f"{fold}-{seed}")
+        if not path.exists():
+            raise FileNotFoundError(f"init.from_dataset={init['from_dataset']}: no checkpoint {path}; train that "
+                                    f"cell first (aurecog bench --dataset {init['from_dataset']} --models "
+                                    f"{cfg['model']['name']} --folds {fold} --seeds {seed} with the same --results)")
     rep = init_from_checkpoint(model, path)
     log.info("initialised from %s: %d shared tensors copied, %d per-label tensors mapped for %s, %d kept", path,
              len(rep["copied"]), len(rep["mapped"]), rep["labels"], len(rep["kept"]))
@@ -235,10 +246,42 @@ def initialise(model, cfg: dict, ckpt_root: Path, fold: int, seed: int) -> dict 
             "mapped": len(rep["mapped"]), "kept": len(rep["kept"])}
 
 
+def train_label_summary(dm) -> dict:
+    """Training-set label statistics the leaderboard's trivial floors use: ``train_prevalence`` (AU occurrence:
+    share of known labels that are positive; expression: class frequency) or ``train_mean`` (intensity: mean
+    known level), per label, from the rows the model was fitted on."""
+    y = np.asarray(dm.fit_targets)
+    names = dm.task_spec.names
+    kind = dm.task_spec.kind
+    if kind == "expression":
+        known = y[y >= 0]
+        return {"train_prevalence": {n: float((known == j).mean()) if len(known) else float("nan")
+                                     for j, n in enumerate(names)}}
+    out = {}
+    for j, n in enumerate(names):
+        col = y[:, j]
+        col = col[col >= 0]
+        out[n] = float("nan") if not len(col) else float(col.mean() if kind == "intensity" else (col > 0.5).mean())
+    return {"train_mean" if kind == "intensity" else "train_prevalence": out}
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    """Fail before training when the run folder cannot be written (it used to fail after the test)."""
+    probe = run_dir / f".write-probe-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write the run folder {run_dir} ({e.strerror or e}); choose a writable "
+                              "results folder with --results DIR") from None
+
+
 def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | None = None,
-             wandb_mode: str = "offline", ckpt_root: Path | None = None, progress: bool = True,
-             status_path: str | None = None) -> dict | None:
-    """Train/select/test one cell. Returns the metrics dict (rank 0) or None (other ranks)."""
+             wandb_mode: str = "offline", progress: bool = True, status_path: str | None = None,
+             identity: dict | None = None) -> dict | None:
+    """Train/select/test one cell. Returns the metrics dict (rank 0) or None (other ranks). ``identity`` (from the
+    runner) is recorded in ``metrics.json``; ``trainer.threads`` sets torch's intra-op threads."""
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -246,15 +289,18 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
 
     t0 = time.time()
     run_dir = Path(run_dir)
+    check_run_dir_writable(run_dir)
+    threads = (cfg.get("trainer") or {}).get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     L.seed_everything(seed, workers=True)
     torch.set_float32_matmul_precision("high")
     cfg = dict(cfg, fold=fold, seed=seed)
     dm = build_datamodule(cfg, fold, data_root, progress=progress)
     dm.setup("fit")
     model = build_model(cfg, dm.task_spec, dm.stats)
-    ckpt_root = Path(ckpt_root or os.environ.get("AURECOG_CHECKPOINTS") or REPO_ROOT / "checkpoints")
-    ckpt_dir = ckpt_root / checkpoint_subpath(run_dir, cfg, fold, seed)
-    init_report = initialise(model, cfg, ckpt_root, fold, seed)
+    ckpt_dir = checkpoint_path(run_dir).parent
+    init_report = initialise(model, cfg, run_dir, fold, seed)
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # an interrupted earlier attempt
     has_val = len(dm.split_rows["val"]) > 0
@@ -296,12 +342,14 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
         "pcc_similarity": pcc, "n_train": len(dm.split_rows["train"]), "n_val": len(dm.split_rows["val"]),
         "n_test": int(len(res["predictions"]["sample"])), "selected_epoch": best_epoch, "monitor": monitor,
         "epochs_run": trainer.current_epoch, "wall_time_s": round(time.time() - t0, 1),
-        "train_subjects": dm.stats.subjects,
+        "train_subjects": dm.stats.subjects, **train_label_summary(dm),
     }
     if cfg.get("synth_version") is not None:
         metrics["synth_version"] = cfg["synth_version"]
     if init_report:
         metrics["init"] = init_report
+    if identity:
+        metrics["identity"] = identity
     atomic_write_json(run_dir / "config.json", cfg)
     atomic_write_df(run_dir / "history.csv", pd.DataFrame(history.rows))
     preds = predictions_frame(dm, res["predictions"], dm.task_spec.names, kind)
@@ -371,6 +419,10 @@ def evaluate_checkpoint(ckpt: str | Path, out_json: str | Path, devices: int = 1
 
     from aurecog.models.registry import family_class
 
+    ckpt = checkpoint_path(Path(ckpt))
+    if not ckpt.exists():
+        raise FileNotFoundError(f"no checkpoint {ckpt} (give a .ckpt file or a run folder that has "
+                                f"{CHECKPOINT})")
     hp = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
     cfg = hp["cfg"]
     model = family_class(cfg["model"]["family"]).load_from_checkpoint(ckpt, map_location="cpu")
@@ -402,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(int(os.environ["AURECOG_TORCH_THREADS"]))
     run_cell(spec["config"], spec["fold"], spec["seed"], Path(spec["run_dir"]), data_root=spec.get("data_root"),
-             wandb_mode=spec.get("wandb_mode", "offline"), ckpt_root=spec.get("ckpt_root"),
-             progress=spec.get("progress", True), status_path=spec.get("status_path"))
+             wandb_mode=spec.get("wandb_mode", "offline"), progress=spec.get("progress", True),
+             status_path=spec.get("status_path"), identity=spec.get("identity"))
     return 0
 
 
