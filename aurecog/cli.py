@@ -36,8 +36,14 @@ def cmd_bench(a) -> int:
         raise SystemExit(f"error: DATA_ROOT {a.data_root} is not a folder. Prepare datasets with "
                          "`make prepare DATASET=<name> SRC=<distribution> DATA_ROOT=<folder>`.")
     overrides = list(a.set)
-    if a.launcher == "slurm":  # each SLURM job: one task per GPU, Lightning reads the SLURM environment
-        overrides += ["trainer.accelerator=gpu", f"trainer.devices={a.gpus_per_node}", f"trainer.num_nodes={a.nodes}"]
+    slurm = {"partition": a.slurm_partition, "gpus_per_node": a.gpus_per_node, "cpus_per_task": a.cpus_per_task,
+             "mem_gb": a.mem_gb, "nodes": a.nodes, "timeout_min": a.timeout_min, "pending_grace_s": a.pending_grace_s}
+    if a.launcher == "slurm":  # request: the config's `slurm:` section < flags; one DDP task per GPU when GPUs
+        from aurecog.runner.slurm import slurm_request, slurm_trainer_overrides
+
+        probe = grid.expand(a.dataset, a.models, a.folds, a.seeds, a.profile, a.protocol, Path(a.results),
+                            overrides, task=a.task)[0]
+        overrides += slurm_trainer_overrides(slurm_request(probe.config.get("slurm"), slurm))
     cells = grid.expand(a.dataset, a.models, a.folds, a.seeds, a.profile, a.protocol, Path(a.results), overrides,
                         task=a.task)
     if a.launcher != "slurm":
@@ -51,8 +57,6 @@ def cmd_bench(a) -> int:
                   f"cells={len(cells)} wandb={mode} launcher={a.launcher}")
     _prepare_synth(a.dataset)
     t0 = time.time()
-    slurm = {"partition": a.slurm_partition, "gpus_per_node": a.gpus_per_node, "nodes": a.nodes,
-             "timeout_min": a.timeout_min}
     res = grid.run_grid(cells, a.data_root, mode, a.jobs, a.launcher, slurm, console, keep_stale=a.keep_stale)
     console.print(f"done {len(res['done'])}, skipped {len(res['skipped'])}, failed {len(res['failed'])} "
                   f"in {time.time() - t0:.0f} s")
@@ -218,10 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--results", default=str(REPO_ROOT / "results"))
     b.add_argument("--jobs", type=int, default=1, help="cells run at once (local launcher)")
     b.add_argument("--launcher", default="local", choices=["local", "submitit-local", "slurm"])
-    b.add_argument("--slurm-partition", default=None)
-    b.add_argument("--gpus-per-node", type=int, default=1)
-    b.add_argument("--nodes", type=int, default=1)
-    b.add_argument("--timeout-min", type=int, default=24 * 60)
+    # Slurm request (--launcher slurm): each flag overrides the same key of the profile's `slurm:` section
+    b.add_argument("--slurm-partition", default=None, help="Slurm partition (default: slurm.partition)")
+    b.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node, one DDP task each; 0 = CPU-only, no GPU request (default: slurm.gpus_per_node)")
+    b.add_argument("--cpus-per-task", type=int, default=None, help="default: slurm.cpus_per_task")
+    b.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: slurm.mem_gb)")
+    b.add_argument("--nodes", type=int, default=None, help="default: slurm.nodes")
+    b.add_argument("--timeout-min", type=int, default=None, help="job time limit (default: slurm.timeout_min)")
+    b.add_argument("--pending-grace-s", type=int, default=None,
+                   help="stop after a job is PENDING this long for a reason waiting cannot fix "
+                        "(default: slurm.pending_grace_s)")
     b.add_argument("--wandb", default=None, help="online | offline | disabled (default: $WANDB or offline)")
     b.add_argument("--set", action="append", default=[], help="config override key.sub=value (repeatable)")
     b.add_argument("--no-leaderboard", action="store_true")

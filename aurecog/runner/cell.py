@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m aurecog.runner.cell <spec.json>", file=sys.stderr)
         return 2
+    from aurecog.runner.launchers import guard_process
+
+    guard_process()  # die with the process that started this one (the runner, or rank 0 for DDP ranks)
     spec = json.loads(Path(argv[0]).read_text())
     if os.environ.get("AURECOG_TORCH_THREADS"):
         import torch

@@ -6,9 +6,9 @@
   warning). An interrupted cell has no ``metrics.json`` and is redone from scratch; a corrupt one is named and redone.
 * ``--set`` overrides are validated against the resolved config before any cell starts: an unknown key fails with
   the closest valid names, a value of the wrong type names key, value and expected type.
-* Launchers: ``local`` (a subprocess per cell, ``--jobs`` at a time), ``submitit-local`` (submitit's local
-  executor, same code path as SLURM) and ``slurm`` (one SLURM job per cell through submitit; each job may use
-  several GPUs with Lightning DDP).
+* Launchers (aurecog/runner/launchers.py: process groups, per-cell locks, Slurm requests): ``local`` (a
+  subprocess per cell, ``--jobs`` at a time), ``submitit-local`` (submitit's local executor, same code path as
+  SLURM) and ``slurm`` (one SLURM job per cell through submitit; each job may use several GPUs with Lightning DDP).
 * Progress: a rich bar of cells done/total with ETA, plus the running cells' epoch bars (read from the status
   file each cell writes).
 """
@@ -18,9 +18,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,21 +321,6 @@ def check_writable(cells: list[Cell]) -> None:
                                 "with --results DIR") from None
 
 
-def _cell_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env["AURECOG_TORCH_THREADS"] = str(threads)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def run_spec_file(spec_path: str) -> int:
-    """Entry point for submitit jobs (picklable top-level function)."""
-    from aurecog.runner.cell import main
-
-    return main([spec_path])
-
-
 def run_grid(cells: list[Cell], data_root: str | None = None, wandb_mode: str = "offline", jobs: int = 1,
              launcher: str = "local", slurm: dict | None = None, console=None, keep_stale: bool = False) -> dict:
     """Run the cells that are not finished with their current identity; returns {"done": [...], "skipped": [...],
@@ -352,6 +334,8 @@ def run_grid(cells: list[Cell], data_root: str | None = None, wandb_mode: str = 
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+
+    from aurecog.runner import launchers  # imports this module: loaded here, not at the top
 
     console = console or Console(stderr=True)
     if any(c.identity is None for c in cells):
@@ -386,88 +370,9 @@ def run_grid(cells: list[Cell], data_root: str | None = None, wandb_mode: str = 
     with Progress(*columns, console=console, transient=False, refresh_per_second=4) as progress:
         grid_task = progress.add_task(f"grid {cells[0].dataset}", total=len(cells), completed=len(skipped))
         if launcher == "local":
-            _run_local(todo, jobs, threads, progress, grid_task, result)
+            launchers.run_local(todo, jobs, threads, progress, grid_task, result)
         elif launcher in ("submitit-local", "slurm"):
-            _run_submitit(todo, launcher, slurm or {}, progress, grid_task, result)
+            launchers.run_submitit(todo, launcher, slurm or {}, progress, grid_task, result)
         else:
             raise GridError(f"unknown launcher {launcher!r} (local, submitit-local, slurm)")
     return result
-
-
-def _epoch_update(progress, task_id, cell: Cell) -> None:
-    try:
-        st = json.loads(cell.status_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    progress.update(task_id, total=st.get("total", 1), completed=st.get("done", 0),
-                    description=f"  {cell.model} f{cell.fold} s{cell.seed} {st.get('phase', '')}")
-
-
-def _finish(cell: Cell, rc: int, progress, grid_task, result) -> None:
-    if rc == 0 and cell.finished():
-        result["done"].append(cell)
-    else:
-        tail = ""
-        if cell.log_path.exists():
-            tail = "\n".join(cell.log_path.read_text(errors="replace").splitlines()[-25:])
-        result["failed"].append((cell, tail))
-        progress.console.print(f"[red]cell failed: {cell.key} (exit {rc}); log: {cell.log_path}[/red]\n{tail}")
-    progress.advance(grid_task)
-
-
-def _run_local(todo: list[Cell], jobs: int, threads: int, progress, grid_task, result) -> None:
-    pending = list(todo)
-    running: list[tuple[Cell, subprocess.Popen, int]] = []
-    try:
-        while pending or running:
-            while pending and len(running) < max(1, jobs):
-                c = pending.pop(0)
-                log = open(c.log_path, "w")
-                cmd = [sys.executable, "-m", "aurecog.runner.cell", str(c.log_path.with_suffix(".spec.json"))]
-                p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_cell_env(threads),
-                                     cwd=str(REPO_ROOT))
-                log.close()
-                tid = progress.add_task(f"  {c.model} f{c.fold} s{c.seed}", total=1)
-                running.append((c, p, tid))
-            time.sleep(0.5)
-            for item in list(running):
-                c, p, tid = item
-                _epoch_update(progress, tid, c)
-                rc = p.poll()
-                if rc is not None:
-                    running.remove(item)
-                    progress.remove_task(tid)
-                    _finish(c, rc, progress, grid_task, result)
-    finally:
-        for _, p, _ in running:  # the runner was interrupted: stop children, their cells stay unfinished
-            p.terminate()
-
-
-def _run_submitit(todo: list[Cell], launcher: str, slurm: dict, progress, grid_task, result) -> None:
-    import submitit
-
-    folder = todo[0].log_path.parents[2] / "submitit"  # <logs>/submitit
-    if launcher == "slurm":
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-        devices = int(slurm.get("gpus_per_node", 1))
-        executor.update_parameters(
-            slurm_partition=slurm.get("partition"), nodes=int(slurm.get("nodes", 1)), gpus_per_node=devices,
-            tasks_per_node=devices, cpus_per_task=int(slurm.get("cpus_per_task", 8)),
-            timeout_min=int(slurm.get("timeout_min", 24 * 60)), name="aurecog",
-            **({"slurm_additional_parameters": slurm["additional"]} if slurm.get("additional") else {}))
-    else:
-        executor = submitit.LocalExecutor(folder=str(folder))
-        executor.update_parameters(timeout_min=int(slurm.get("timeout_min", 120)))
-    jobs = []
-    for c in todo:
-        job = executor.submit(run_spec_file, str(c.log_path.with_suffix(".spec.json")))
-        jobs.append((c, job))
-        progress.console.print(f"[dim]submitted {c.key} as job {job.job_id}[/dim]")
-    for c, job in jobs:
-        try:
-            job.result()
-            rc = 0
-        except Exception as e:  # the job's own traceback is in its submitit log
-            c.log_path.write_text(f"{e}\n{job.stderr() or ''}")
-            rc = 1
-        _finish(c, rc, progress, grid_task, result)
