@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aurecog import config as C  # noqa: E402
-from aurecog.models.complexity import FlopCounter  # noqa: E402
 from aurecog.models.backbones import no_pretrained  # noqa: E402
+from aurecog.models.complexity import FlopCounter  # noqa: E402
 from aurecog.models.registry import build_model  # noqa: E402
 from aurecog.tasks import TaskSpec, TrainStats  # noqa: E402
 

@@ -53,8 +53,10 @@ def test_grid_expansion_groups_and_errors():
     assert inten.run_dir.parts[-3:] == ("renet", "kfold3-intensity", "0-0") and inten.config["task"] == "intensity"
     with pytest.raises(grid.GridError, match="unknown task 'ocurrence'"):
         grid.expand("synth", "baseline", "0", "0", task="ocurrence")
-    c = grid.set_dotted({"a": {"b": 1}}, ["a.c=2", "d=[1, 2]"])
+    c = grid.set_dotted({"a": {"b": 1}}, ["a.c=2", "d=[1, 2]"], validate=False)
     assert c == {"a": {"b": 1, "c": 2}, "d": [1, 2]}
+    c = grid.set_dotted({"a": {"b": 1}, "d": None}, ["a.b=3", "d=[1, 2]"])  # validated: known keys
+    assert c == {"a": {"b": 3}, "d": [1, 2]}
 
 
 def test_unknown_dataset_fails_fast_with_the_list():

@@ -300,6 +300,8 @@ def _start_local(c: Cell, threads: int, progress, grid_task, result) -> subproce
         retire_wandb_runs(c.run_dir)
         c.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "aurecog.runner.cell", str(c.log_path.with_suffix(".spec.json"))]
+        # the cell's own resolved trainer.threads (part of its identity), not the runner's share of the cores
+        threads = int((c.config.get("trainer") or {}).get("threads") or threads)
         with open(c.log_path, "w") as log:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cell_env(threads, os.getpid()),
                                  cwd=str(REPO_ROOT), start_new_session=True, pass_fds=(lock.fd,),
