@@ -464,7 +464,7 @@ def test_table8_resnet18_pair_differs_only_in_duplication():
     """'ResNet18 w/o DA' and '+DA': the same class and loss; with duplication off and the same initial
     weights, training gives identical outputs (the old '+DA' row, RE-Net's class with a summed loss, diverged);
     with it on, the batches (and so the outputs) differ."""
-    a, b = C_resolve_pair()
+    a, b = resolve("renet-baseline", "bp4d", "paper"), resolve("renet-baseline-dup", "bp4d", "paper")
     assert a["model"]["family"] == b["model"]["family"]
     diff = {k for k in set(_flat(a)) | set(_flat(b)) if _flat(a).get(k) != _flat(b).get(k)}
     assert diff == {"model.name", "model.paper_row", "duplicate.enabled"}
@@ -490,10 +490,6 @@ def test_table8_resnet18_pair_differs_only_in_duplication():
     plain = run("renet-baseline", False)
     torch.testing.assert_close(run("renet-baseline-dup", False), plain, rtol=0, atol=0)
     assert (run("renet-baseline-dup", True) - plain).abs().max() > 1e-4
-
-
-def C_resolve_pair():
-    return resolve("renet-baseline", "bp4d", "paper"), resolve("renet-baseline-dup", "bp4d", "paper")
 
 
 def _flat(d, prefix=""):
