@@ -7,7 +7,8 @@
     configs/models/<family>.yaml      family defaults, per-profile hyperparameters, registered variants
 
 A cell's resolved config is ``deep_merge(profile, dataset.profiles[profile], family.defaults,
-family.profiles[profile], variant, overrides)`` (see :func:`resolve`). Nothing in code duplicates these values.
+family.profiles[profile], variant)`` less the variant's ``unset`` keys, then the overrides (see :func:`resolve`).
+Nothing in code duplicates these values.
 """
 
 from __future__ import annotations
