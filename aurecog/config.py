@@ -7,7 +7,8 @@
     configs/models/<family>.yaml      family defaults, per-profile hyperparameters, registered variants
 
 A cell's resolved config is ``deep_merge(profile, dataset.profiles[profile], family.defaults,
-family.profiles[profile], variant, overrides)`` (see :func:`resolve`). Nothing in code duplicates these values.
+family.profiles[profile], variant)`` less the variant's ``unset`` keys, then the overrides (see :func:`resolve`).
+Nothing in code duplicates these values.
 """
 
 from __future__ import annotations
@@ -79,17 +80,27 @@ def load_family(family: str) -> dict:
 
 
 def model_variants() -> dict[str, dict]:
-    """All registered variants: name -> {file, family, group, main, paper_row, description, overrides}.
+    """All registered variants: name -> {file, family, group, main, paper_row, description, tables, unset,
+    overrides}.
 
     A variant may set ``family:`` to use another family's class with this file's hyperparameters (for example
-    CISNet's 'ResNet w/o CIS' rows are the baseline class with CISNet's classifier and recipe)."""
+    CISNet's 'ResNet w/o CIS' rows are the baseline class with CISNet's classifier and recipe); ``unset:``
+    lists dotted keys of this file's defaults/profiles that its class does not read (removed by
+    :func:`resolve`). ``tables:`` lists the paper tables (groups of the file's top-level ``tables:``
+    section, see :func:`table_groups`) the variant is a row of."""
     out: dict[str, dict] = {}
     for fam in _names("models"):
         cfg = load_family(fam)
+        declared = set(cfg.get("tables") or {})
         for vname, v in (cfg.get("variants") or {}).items():
             v = dict(v or {})
             if vname in out:
                 raise ConfigError(f"model variant {vname!r} is defined twice ({out[vname]['family']} and {fam})")
+            tables = list(v.pop("tables", None) or [])
+            undeclared = [t for t in tables if t not in declared]
+            if undeclared:
+                raise ConfigError(f"configs/models/{fam}.yaml: variant {vname!r} lists tables {undeclared} that the "
+                                  f"file's top-level 'tables:' section does not declare ({sorted(declared)})")
             out[vname] = {
                 "file": fam,  # the yaml whose defaults/profiles apply
                 "family": v.pop("family", fam),  # the class (a paper's 'w/o' rows use the baseline class)
@@ -97,8 +108,26 @@ def model_variants() -> dict[str, dict]:
                 "main": bool(v.pop("main", False)),
                 "paper_row": v.pop("paper_row", None),
                 "description": v.pop("description", ""),
+                "tables": tables,
+                "unset": list(v.pop("unset", None) or []),
                 "overrides": v,
             }
+    return out
+
+
+def table_groups() -> dict[str, dict]:
+    """Each paper table as a runnable group: name -> {file, description, protocol, models}. ``protocol``
+    (optional, e.g. IERN Table 3's ``bias90``) is the protocol the table was reported under; ``models`` are
+    the variants listing the table, in file order."""
+    out: dict[str, dict] = {}
+    variants = model_variants()
+    for fam in _names("models"):
+        for name, t in (load_family(fam).get("tables") or {}).items():
+            if name in out:
+                raise ConfigError(f"table group {name!r} is defined twice ({out[name]['file']} and {fam})")
+            t = dict(t or {})
+            out[name] = {"file": fam, "description": t.get("description", ""), "protocol": t.get("protocol"),
+                         "models": [v for v, d in variants.items() if name in d["tables"]]}
     return out
 
 
@@ -117,8 +146,13 @@ def resolve(model: str, dataset: str, profile: str, overrides: dict | None = Non
         fam.get("defaults"),
         (fam.get("profiles") or {}).get(profile),
         v["overrides"],
-        overrides,
     )
+    for dotted in v["unset"]:  # this file's keys that the variant's class does not read (not the caller's)
+        *path, last = dotted.split(".")
+        cur = get(cfg, ".".join(path)) if path else cfg
+        if isinstance(cur, dict):
+            cur.pop(last, None)
+    cfg = deep_merge(cfg, overrides)
     cfg["model"] = {"name": model, "family": v["family"], "group": v["group"], "paper_row": v["paper_row"],
                     **cfg.get("model", {})}
     cfg["dataset"] = dataset

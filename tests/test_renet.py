@@ -366,9 +366,9 @@ def test_training_step_random_and_all_strategies_and_masking():
             if strategy == "random":
                 c = out["cond"]
                 ref = bce(out["logits"][1:, 0], y[1:, c], c)
-            else:  # Eq. 6 summed over AUs, each averaged over its known labels
+            else:  # Eq. 6 averaged over the known (sample, AU) entries (the base class's one reduction)
                 z = out["logits"][:, :, 0]
-                ref = sum(bce(z[1:, c], y[1:, c], c) for c in range(len(AUS)))
+                ref = bce(z[1:], y[1:], torch.arange(len(AUS)))
             torch.testing.assert_close(loss, ref)
 
 
@@ -436,23 +436,117 @@ def _unmixed(m: RENet, x):
 
 
 def test_rare_au_duplication():
-    rates = [0.3, 0.1, 0.5, 0.05, 0.6, 0.2]
-    m = _model(variant="renet-dup", stats=_stats(6, rates=rates),
-               extra={"renet": {"duplicate": {"rare_fraction": 0.5}}})
-    assert sorted(m.rare.tolist()) == [1, 3, 5]  # the three lowest occurrence rates
+    """Table 8 'DA': frames positive for one of the paper's AUs (AU1, 2, 15, 23, 24; those of the task) are
+    appended once more."""
+    names = ["AU1", "AU2", "AU4", "AU15", "AU12", "AU24"]
+    m = _model(variant="renet-dup", names=names, stats=_stats(6, rates=[0.3, 0.1, 0.5, 0.05, 0.6, 0.2]))
+    assert m.rare.tolist() == [0, 1, 3, 5]  # the paper's list, not the occurrence rates
     y = torch.zeros(5, 6)
-    y[1, 3] = 1  # rare positive
-    y[2, 0] = 1  # frequent positive only
-    y[4, 5] = 1
-    y[4, 1] = -1
+    y[1, 3] = 1  # AU15 positive
+    y[2, 2] = 1  # AU4 positive only
+    y[4, 5] = 1  # AU24 positive
+    y[3, 0] = -1  # unknown is not positive
     x = torch.arange(5.0)[:, None, None, None].expand(5, 3, 2, 2)
     xd, yd = m.duplicate({"image": x, "target": y})
     assert xd[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 1, 4]
     torch.testing.assert_close(yd[5:], y[[1, 4]])
-    m2 = _model(variant="renet", stats=_stats(6, rates=rates))
+    m2 = _model(variant="renet", names=names)
     assert m2.duplicate({"image": x, "target": y})[0].shape[0] == 5  # off by default (Table 1 'Ours')
-    m3 = _model(variant="renet-dup", extra={"renet": {"duplicate": {"aus": ["AU1", "AU2"]}}})
-    assert m3.rare.tolist() == [0, 1]
+
+
+def _table8(variant: str, dup: bool):
+    cfg = resolve(variant, "synth", "quick", overrides=deep_merge(TINY, {"duplicate": {"enabled": dup}}))
+    torch.manual_seed(0)
+    return build_model(cfg, TaskSpec("au", AUS), _stats(len(AUS)))
+
+
+def test_table8_resnet18_pair_differs_only_in_duplication():
+    """'ResNet18 w/o DA' and '+DA': the same class and loss; with duplication off and the same initial
+    weights, training gives identical outputs (the old '+DA' row, RE-Net's class with a summed loss, diverged);
+    with it on, the batches (and so the outputs) differ."""
+    a, b = resolve("renet-baseline", "bp4d", "paper"), resolve("renet-baseline-dup", "bp4d", "paper")
+    assert a["model"]["family"] == b["model"]["family"]
+    diff = {k for k in set(_flat(a)) | set(_flat(b)) if _flat(a).get(k) != _flat(b).get(k)}
+    assert diff == {"model.name", "model.paper_row", "duplicate.enabled"}
+
+    def run(variant, dup):
+        m = _table8(variant, dup)
+        m.load_state_dict(ref_state)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        m.train()
+        for _ in range(3):
+            y = (torch.rand(8, len(AUS), generator=g) < 0.3).float()
+            batch = {"image": torch.randn(8, 3, 16, 16, generator=g), "target": y}
+            loss, _ = m.compute_loss(m(batch), batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        m.eval()
+        with torch.no_grad():
+            return m({"image": torch.randn(4, 3, 16, 16, generator=g)})["logits"]
+
+    ref_state = copy.deepcopy(_table8("renet-baseline", False).state_dict())
+    plain = run("renet-baseline", False)
+    torch.testing.assert_close(run("renet-baseline-dup", False), plain, rtol=0, atol=0)
+    assert (run("renet-baseline-dup", True) - plain).abs().max() > 1e-4
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_one_loss_reduction_for_every_family():
+    """RE-Net's loss is the base class's supervised loss (mean over the known entries of the conditioned AUs),
+    the baseline's is the same function: no second reduction (the summed one made 'Ours' 12x 'ResNet18')."""
+    torch.manual_seed(0)
+    m = _model(extra={"renet": {"strategy": "all"}}).train()
+    base = _table8("renet-baseline", False).train()
+    y = (torch.rand(8, len(AUS)) < 0.5).float()
+    y[0, 2] = -1
+    batch = {"image": torch.randn(8, 3, 16, 16), "target": y}
+    out = m(batch)
+    loss, _ = m.compute_loss(out, batch)
+    torch.testing.assert_close(loss, base.supervised_loss(out["logits"][:, :, 0], y))
+    pw = torch.tensor(_stats(len(AUS)).n_neg, dtype=torch.float32) / torch.tensor(_stats(len(AUS)).n_pos,
+                                                                                 dtype=torch.float32)
+    known = y >= 0
+    ref = nn.functional.binary_cross_entropy_with_logits(out["logits"][:, :, 0], y.clamp_min(0), pos_weight=pw,
+                                                         reduction="none")[known].mean()
+    torch.testing.assert_close(loss, ref)
+
+
+def test_unseen_au_is_left_out_of_model_selection():
+    """Table 6: validation F1 (checkpoint selection, early stopping) over the trained AUs only; test over all."""
+    m = _model(variant="renet-unseen")
+    u = AUS.index("AU23")
+    assert m.val_metrics.names == [a for a in AUS if a != "AU23"] and m.test_metrics.names == AUS
+    m.eval()
+    x = torch.randn(6, 3, 16, 16)
+    y = (torch.rand(6, len(AUS)) < 0.5).float()
+    m.validation_step({"image": x, "target": y}, 0)
+    v1 = copy.deepcopy(m.val_metrics.compute())
+    m.val_metrics.reset()
+    y2 = y.clone()
+    y2[:, u] = 1 - y2[:, u]  # the withheld AU's validation labels must not move the monitor
+    m.validation_step({"image": x, "target": y2}, 0)
+    v2 = m.val_metrics.compute()
+    mon = m.val_metrics.monitor
+    assert v1[mon] == pytest.approx(v2[mon])
+    m.test_step({"image": x, "target": y, "sample": torch.arange(6), "source": torch.zeros(6),
+                 "subject": torch.zeros(6)}, 0)
+    assert m.test_metrics.compute()[mon] is not None
+
+
+def test_second_unseen_au_run_registered():
+    m = _model(variant="renet-unseen-au24", names=["AU1", "AU2", "AU23", "AU24"])
+    assert m.unseen == 3 and 3 not in m.train_conditions.tolist()
 
 
 def test_learnable_graph_gets_gradient_and_keeps_unit_diagonal():

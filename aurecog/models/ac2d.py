@@ -511,6 +511,12 @@ class AC2D(AUModel):
         per_branch = getattr(self, "causal_mode", "").startswith("branch")
         return self.BRANCH_PREFIXES + (("prototype",) if per_branch else ())
 
+    # dotted config keys read (registry.check_config); Eq. 14 replaces the base loss, so no loss.pos_weight
+    config_keys = (AUModel.config_keys - {"loss.pos_weight"}) | {
+        f"ac2d.{k}" for k in ("width", "depths", "heads", "sr_ratios", "mlp_ratio", "drop_path", "first_stride",
+                              "attention.mode", "attention.lambda", "attention.sigma", "attention.center",
+                              "attention.expression_prior", "causal.mode", "causal.value", "causal.detach_prototype")}
+
     def __init__(self, task, stats, cfg):
         super().__init__(task, stats, cfg)
         a = cfg.get("ac2d", {})

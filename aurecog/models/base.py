@@ -3,7 +3,12 @@
 A subclass implements :meth:`AUModel.forward` (batch dict -> output dict holding at least ``logits``) and may
 override :meth:`AUModel.compute_loss`, :meth:`AUModel.param_groups` and Lightning hooks. The base class owns
 what must be identical across models for a fair comparison: the metrics (validation for model selection, test
-for the leaderboard), per-sample prediction capture, optimiser and schedule construction from config.
+for the leaderboard), per-sample prediction capture, the one supervised loss of each task
+(:meth:`AUModel.supervised_loss`), in-batch duplication of rare-label positives, optimiser and schedule
+construction from config.
+
+Every class declares the dotted config keys it reads in ``config_keys`` (extending its parent's);
+:func:`aurecog.models.registry.check_config` rejects any other key of a cell's config.
 
 Logits by task kind: ``au`` B x C; ``intensity`` B x C x 6 (levels 0-5); ``expression`` B x K.
 """
@@ -14,6 +19,7 @@ import math
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -22,6 +28,18 @@ from aurecog.metrics import PerSubjectPCCSimilarity, TaskMetrics
 from aurecog.models.backbones import no_pretrained
 from aurecog.models.losses import intensity_scores, task_loss
 from aurecog.tasks import TaskSpec, TrainStats
+
+#: config keys read by the base class (optimiser, schedule, the supervised loss); the runner's common keys
+#: (trainer.*, data.*, init.*, ...) come from configs/profiles/*.yaml, see aurecog.models.registry.allowed_keys
+BASE_KEYS = frozenset({
+    "optim.name", "optim.lr", "optim.lr_scale_batch", "optim.weight_decay", "optim.momentum", "optim.nesterov",
+    "optim.betas", "optim.no_decay_norm_bias",
+    "schedule.name", "schedule.warmup_epochs", "schedule.hold_epochs", "schedule.final_factor",
+    "loss.pos_weight",
+})
+#: keys of the in-batch duplication of rare-label positives (RE-Net Table 8), for the classes that support it
+DUPLICATE_KEYS = frozenset({"duplicate.enabled", "duplicate.aus", "duplicate.copies"})
+POS_WEIGHT_MODES = (None, "balanced")
 
 
 class PredictionCollector(Metric):
@@ -48,13 +66,20 @@ class PredictionCollector(Metric):
 class AUModel(L.LightningModule):
     """Base class. ``task``/``stats`` may be given as dicts (that is how checkpoints store them)."""
 
+    #: dotted config keys this class reads besides the runner's common keys (subclasses extend it)
+    config_keys: frozenset[str] = BASE_KEYS
+
     def __init__(self, task: TaskSpec | dict, stats: TrainStats | dict, cfg: dict):
         super().__init__()
         self.task = task if isinstance(task, TaskSpec) else TaskSpec(**task)
         self.stats = stats if isinstance(stats, TrainStats) else TrainStats.from_dict(stats)
         self.cfg = cfg
         self.save_hyperparameters({"task": self.task.to_dict(), "stats": self.stats.to_dict(), "cfg": cfg})
+        self.pos_weight_mode = (cfg.get("loss") or {}).get("pos_weight")
+        if self.pos_weight_mode not in POS_WEIGHT_MODES:
+            raise ValueError(f"loss.pos_weight must be one of {POS_WEIGHT_MODES}, got {self.pos_weight_mode!r}")
         names, thr = self.task.names, self.task.positive_threshold
+        self.val_labels: list[int] | None = None  # validation over all labels; see set_validation_labels
         self.val_metrics = TaskMetrics(self.task.kind, names, thr)
         self.test_metrics = TaskMetrics(self.task.kind, names, thr)
         self.test_pcc = PerSubjectPCCSimilarity() if self.task.kind == "au" else None
@@ -72,23 +97,78 @@ class AUModel(L.LightningModule):
         raise NotImplementedError
 
     def compute_loss(self, out: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """Default: the task's loss (:meth:`supervised_loss`). Models override with their paper's loss."""
-        return self.supervised_loss(out["logits"], batch["target"]), {}
+        """Default: the task's loss (:meth:`supervised_loss`) on ``out["target"]`` (the batch after in-batch
+        duplication) or the batch's targets. Models with a paper-specific loss override this."""
+        return self.supervised_loss(out["logits"], out.get("target", batch["target"])), {}
 
-    def supervised_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The task's plain loss (masked BCE / CE), positives weighted by :meth:`balanced_pos_weight` for AU tasks."""
-        pos = self.balanced_pos_weight(logits)
-        return task_loss(self.task.kind, logits, target, **({} if pos is None else {"pos_coef": pos}))
+    def supervised_loss(self, logits: Tensor, target: Tensor, labels: Tensor | None = None, kind: str | None = None,
+                        **coefficients) -> Tensor:
+        """The one supervised loss of every family, averaged over the known (``target >= 0``) entries:
+        masked BCE for AU occurrence (``kind='au'``), 6-level cross-entropy per AU for intensity, cross-entropy
+        for expression.
+
+        ``labels`` (k,): which task labels the last logit dimension holds (RE-Net's conditioned AUs; default
+        all). ``kind`` overrides the task kind (``'au'``: binary one-vs-rest targets of an expression task).
+        ``coefficients``: ``au_weight``/``pos_coef``/``neg_coef`` of a paper's weighted BCE (CISNet Eq. 6, AC2D
+        Eq. 14); without ``pos_coef`` the positives are weighted by :meth:`balanced_pos_weight` when configured."""
+        kind = kind or self.task.kind
+        if kind == "au" and "pos_coef" not in coefficients:
+            pos = self.balanced_pos_weight(logits)
+            if pos is not None:
+                coefficients["pos_coef"] = pos if labels is None else pos[labels]
+        return task_loss(kind, logits, target, **coefficients)
 
     def balanced_pos_weight(self, like: Tensor) -> Tensor | None:
         """Per-AU positive weights (C,) of ``loss.pos_weight: balanced``: each AU's training negatives/positives
         ratio (the usual imbalance-aware BCE; AC2D Eq. 14's v_j without the per-AU weights w_j). None when the
         option is off or the task is not AU occurrence."""
-        if self.task.kind != "au" or self.cfg.get("loss", {}).get("pos_weight") != "balanced":
+        if self.task.kind != "au" or self.pos_weight_mode != "balanced":
             return None
         n_pos = torch.as_tensor(self.stats.n_pos, dtype=like.dtype, device=like.device)
         n_neg = torch.as_tensor(self.stats.n_neg, dtype=like.dtype, device=like.device)
         return n_neg / n_pos.clamp_min(1)
+
+    # ------------------------------------------------------------------ rare-label duplication (RE-Net Table 8)
+    def init_duplication(self, d: dict | None) -> None:
+        """``duplicate``: frames with a positive label for one of ``aus`` are appended ``copies`` more times to
+        their training batch (the in-batch form of RE-Net 4.6's "duplicate the AUs (AU1, AU2, AU15, AU23 and
+        AU24) one time if a positive label is observed"). Listed AUs that are not labels of this task are
+        skipped with a warning; none present is an error."""
+        d = d or {}
+        copies, enabled = int(d.get("copies", 1)), bool(d.get("enabled", False))
+        self.dup_copies = copies if enabled else 0
+        aus = list(d.get("aus") or [])
+        names = self.task.names
+        present = [a for a in aus if a in names]
+        if self.dup_copies and not present:
+            raise ValueError(f"duplicate.aus {aus} has no label of this task ({names}); set duplicate.aus")
+        if self.dup_copies and len(present) < len(aus):
+            import logging
+
+            logging.getLogger(__name__).warning("duplicate.aus: %s are not labels of this task; duplicating %s",
+                                                [a for a in aus if a not in names], present)
+        self.register_buffer("rare", torch.tensor([names.index(a) for a in present], dtype=torch.long),
+                             persistent=False)
+
+    def positives(self, target: Tensor) -> Tensor:
+        """B x C bool: positive labels (occurrence, intensity >= threshold, or the expression class)."""
+        if self.task.kind == "expression":
+            return F.one_hot(target.long().clamp_min(0), self.task.num_outputs).bool() & (target >= 0)[:, None]
+        if self.task.kind == "intensity":
+            return target >= self.task.positive_threshold
+        return target > 0.5
+
+    def duplicate(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(image, target) with the frames positive for a rare label appended ``copies`` more times."""
+        x, y = batch["image"], batch["target"]
+        if not getattr(self, "dup_copies", 0) or self.rare.numel() == 0:
+            return x, y
+        pos = self.positives(y)[:, self.rare].any(1)
+        extra = torch.nonzero(pos).flatten().repeat(self.dup_copies)
+        if extra.numel() == 0:
+            return x, y
+        idx = torch.cat([torch.arange(x.shape[0], device=x.device), extra])
+        return x[idx], y[idx]
 
     def scores(self, out: dict) -> Tensor:
         """Probabilities (au), expected intensities (intensity) or class probabilities (expression)."""
@@ -116,9 +196,19 @@ class AUModel(L.LightningModule):
     def on_train_start(self) -> None:
         self.val_metrics.reset()  # discard the sanity check's state
 
+    def set_validation_labels(self, keep: list[int]) -> None:
+        """Model selection and early stopping on the labels ``keep`` only (RE-Net Table 6: the withheld AU
+        must not select the checkpoint). Test metrics stay over every label."""
+        self.val_labels = list(keep)
+        names = [self.task.names[i] for i in self.val_labels]
+        self.val_metrics = TaskMetrics(self.task.kind, names, self.task.positive_threshold)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(batch)
-        self.val_metrics.update(self.scores(out), batch["target"])
+        s, t = self.scores(out), batch["target"]
+        if self.val_labels is not None:
+            s, t = s[:, self.val_labels], t[:, self.val_labels]
+        self.val_metrics.update(s, t)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
@@ -200,22 +290,41 @@ def build_optimizer(module: L.LightningModule, groups: list[dict], cfg: dict):
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def build_schedule(opt: torch.optim.Optimizer, module: L.LightningModule, s: dict):
-    name = (s or {}).get("name", "constant")
-    if name == "constant":
-        return None
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(name: str, step: int, warmup: int, hold: int, total: int, final: float = 0.0) -> float:
+    """LR factor at optimiser step ``step``: linear warm-up from 0 over ``warmup`` steps, constant for ``hold``
+    steps, then cosine or linear decay to ``final`` at ``total`` (IERN's authors' ``lr_policy='warmup'`` is
+    ``linear`` with 5 warm-up and 15 hold epochs)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < warmup + hold:
+        return 1.0
+    t = (step - warmup - hold) / max(1, total - warmup - hold)
+    if name == "cosine":
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    if name == "linear":
+        return final + (1 - final) * max(0.0, 1 - t)
+    raise ValueError(f"unknown schedule {name!r} {SCHEDULES}")
+
+
+def schedule_steps(module: L.LightningModule, s: dict) -> tuple[int, int, int]:
+    """(warm-up, hold, total) optimiser steps of ``schedule.warmup_epochs``/``hold_epochs`` over the steps the
+    module actually takes (:meth:`AUModel.schedule_span`; 1000 total steps without a trainer)."""
     total, epochs = module.schedule_span()
     warmup = int(round(float(s.get("warmup_epochs", 0)) * total / epochs))
+    hold = int(round(float(s.get("hold_epochs", 0)) * total / epochs))
+    return warmup, hold, total
+
+
+def build_schedule(opt: torch.optim.Optimizer, module: L.LightningModule, s: dict):
+    s = s or {}
+    name = s.get("name", "constant")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r} {SCHEDULES}")
+    if name == "constant":
+        return None
+    warmup, hold, total = schedule_steps(module, s)
     final = float(s.get("final_factor", 0.0))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        if name == "cosine":
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-        if name == "linear":
-            return final + (1 - final) * max(0.0, 1 - t)
-        raise ValueError(f"unknown schedule {name!r} (constant, cosine, linear)")
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(name, step, warmup, hold, total, final))

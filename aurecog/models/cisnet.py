@@ -66,7 +66,7 @@ from aurecog.models.base import AUModel
 from aurecog.models.causal import FeatureBank, PrototypeAttention
 from aurecog.models.heads import TaskHead
 from aurecog.models.losses import cisnet_coefficients, masked_cross_entropy, weighted_bce
-from aurecog.models.registry import register_family
+from aurecog.models.registry import backbone_keys, register_family
 
 # Paper, Implementation Details: "In the first epoch, we stop the back-propagation step to initialize our
 # confounder dictionary".
@@ -78,6 +78,11 @@ BANK_ONLY_MONITOR_VALUE = -1.0
 
 @register_family("cisnet")
 class CISNet(AUModel):
+    # dotted config keys read (registry.check_config); Eq. 6 replaces the base loss, so no loss.pos_weight
+    config_keys = (AUModel.config_keys - {"loss.pos_weight"}) | backbone_keys() | {
+        "cis.feature_dim", "cis.enabled", "cis.d_m", "head.hidden", "head.dropout", "bank_only_epochs",
+        "loss.reduction", "loss.au_weighting"}
+
     def __init__(self, task, stats, cfg):
         super().__init__(task, stats, cfg)
         b = dict(cfg.get("backbone", {}))

@@ -80,10 +80,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aurecog.models.backbones import create_backbone
-from aurecog.models.base import AUModel
+from aurecog.models.base import AUModel, lr_factor, schedule_steps
 from aurecog.models.causal import FeatureBank, PrototypeAttention
 from aurecog.models.losses import weighted_bce
-from aurecog.models.registry import register_family
+from aurecog.models.registry import backbone_keys, register_family
 
 MODES = ("iern", "disentangle", "nwgm", "resample")
 MANUAL_MODES = ("iern", "disentangle")
@@ -275,18 +275,19 @@ def center_loss(feat: Tensor, centers: Tensor, labels: Tensor, lam: float, unsca
 def warmup_hold_linear(step: int, warmup: int, hold: int, total: int, final: float = 0.0) -> float:
     """LR factor of the authors' ``lr_policy='warmup'``: linear warm-up from 0 over ``warmup`` steps
     (GradualWarmupScheduler, multiplier 1), constant for ``hold`` steps, then linear decay to ``final`` at
-    ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if step < warmup + hold:
-        return 1.0
-    t = (step - warmup - hold) / max(1, total - warmup - hold)
-    return final + (1 - final) * max(0.0, 1.0 - t)
+    ``total``: the base class's ``linear`` schedule (:func:`aurecog.models.base.lr_factor`), shared with
+    ``iern-baseline``."""
+    return lr_factor("linear", step, warmup, hold, total, final)
 
 
 # ---------------------------------------------------------------------------------------------- the model
 @register_family("iern")
 class IERN(AUModel):
+    config_keys = AUModel.config_keys | backbone_keys() | {"optim.backbone_lr"} | {
+        f"iern.{k}" for k in ("mode", "feat_dim", "gen_blocks", "recon_blocks", "dis_channels", "leaky_slope",
+                              "lambda_1", "lambda_2", "lambda_3", "center_grad_unscale", "init_std", "nwgm_dim",
+                              "clip_grad")}
+
     def __init__(self, task, stats, cfg):
         super().__init__(task, stats, cfg)
         m = cfg.get("iern", {})
@@ -305,9 +306,10 @@ class IERN(AUModel):
         self.center_grad_unscale = bool(m.get("center_grad_unscale", True))
         self.clip_grad = m.get("clip_grad")
 
-        self.backbone = FeatureBackbone(dict(cfg.get("backbone", {})), dim)
+        self.backbone = FeatureBackbone(cfg.get("backbone", {}), dim)
         self.size = self._feature_size(int(cfg.get("data", {}).get("input_size", 224)))
         std = float(m.get("init_std", 0.02))
+        nwgm_dim = int(m.get("nwgm_dim", dim))  # NWGM attention width (mode nwgm only)
         heads: list[nn.Module] = []
         if self.mode in MANUAL_MODES:
             self.g_e = generator(dim, int(m.get("gen_blocks", 2)))
@@ -324,7 +326,7 @@ class IERN(AUModel):
             self.bank = FeatureBank(self.n_conf, dim)
             self.register_buffer("dictionary", torch.zeros(self.n_conf, dim))
             self.register_buffer("prior", torch.full((self.n_conf,), 1.0 / self.n_conf))
-            self.attention = PrototypeAttention(dim, int(m.get("nwgm_dim", dim)), self.out_dim)
+            self.attention = PrototypeAttention(dim, nwgm_dim, self.out_dim)
             self._bank_dirty = False
         else:
             self.f_c = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(dim, self.out_dim))
@@ -531,12 +533,7 @@ class IERN(AUModel):
             return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         if name != "linear":
             raise ValueError(f"iern schedule: 'linear' (warm-up, hold, linear decay) or 'constant', not {name!r}")
-        trainer = getattr(self, "_trainer", None)
-        total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1000
-        epochs = max(1, trainer.max_epochs) if trainer is not None and trainer.max_epochs else 1
-        per_epoch = total / epochs
-        warmup = int(round(float(s.get("warmup_epochs", 0)) * per_epoch))
-        hold = int(round(float(s.get("hold_epochs", 0)) * per_epoch))
+        warmup, hold, total = schedule_steps(self, s)
         final = float(s.get("final_factor", 0.0))
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_hold_linear(step, warmup, hold, total,
                                                                                        final))

@@ -44,17 +44,20 @@ Implementation choices (documented in ``configs/models/renet.yaml``):
   the moment-matched mixture of the other AUs' statistics weighted by the positive part of its graph row (the
   AdaGraph ``set_bn_from_edges`` idea, reference notes section 5). The graph itself is taken as prior
   knowledge (the training-label PCC including that AU, as the paper's Eq. 4-5 at test requires).
-* **Rare-AU duplication (Table 8).** ``duplicate.enabled``: within each training batch, every frame with a
-  positive label for a rare AU is appended once more (``copies``), the in-batch form of the paper's "duplicate
-  the AUs (AU1, AU2, AU15, AU23, AU24) one time if a positive label is observed". Rare AUs are ``duplicate.aus``
-  or the ``rare_fraction`` of AUs with the lowest training occurrence rate.
+* **Rare-AU duplication (Table 8).** ``duplicate.enabled`` (the base class's in-batch duplication, shared with
+  the baseline): within each training batch, every frame with a positive label for one of ``duplicate.aus``
+  (the paper's list, AU1, AU2, AU15, AU23, AU24) is appended once more (``copies``), the in-batch form of the
+  paper's "duplicate the AUs ... one time if a positive label is observed". The Table 8 'ResNet18' rows are the
+  baseline class with and without it, the 'Ours' rows this class with and without it.
+* **Unseen-AU model selection (Table 6).** Validation F1 (checkpoint selection, early stopping) is computed
+  over the trained AUs only (:meth:`AUModel.set_validation_labels`); the test metrics cover every AU.
+* **Loss.** Eq. 6 through the base class's :meth:`AUModel.supervised_loss` (one reduction for every family:
+  the mean over the known (sample, conditioned AU) entries), on the conditioned AU(s) only.
 * **Expression tasks.** Class-conditional BN with the graph from the one-hot label correlation
   (``stats.label_corr``); the conditioned output for class k is one logit, the eval logits are B x K and the
   base class applies a softmax over them. Training loss: one-vs-rest Eq. 6 for the drawn class (``random``), or
   with ``all`` either that summed over classes (``expression_loss: ovr``) or softmax cross-entropy over the
   assembled B x K logits (``expression_loss: softmax``).
-* ``conditional: false`` keeps the plain BNs and a multi-label head (the ResNet18 rows of Table 8 with the same
-  in-batch duplication).
 """
 
 from __future__ import annotations
@@ -66,9 +69,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aurecog.models.backbones import create_backbone
-from aurecog.models.base import AUModel
-from aurecog.models.losses import masked_cross_entropy, weighted_bce
-from aurecog.models.registry import register_family
+from aurecog.models.base import DUPLICATE_KEYS, AUModel
+from aurecog.models.registry import backbone_keys, register_family
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +302,16 @@ def unseen_stat_mix(w: Tensor, unseen: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- model
 @register_family("renet")
 class RENet(AUModel):
+    config_keys = AUModel.config_keys | backbone_keys() | DUPLICATE_KEYS | {
+        "head.shared", "head.dropout",
+        "renet.strategy", "renet.expression_loss", "renet.eval_path", "renet.eval_max_expanded",
+        "renet.bn_momentum", "renet.unseen_au", "renet.graph.init", "renet.graph.learnable",
+        "renet.graph.random_range", "renet.graph.norm", "renet.graph.min_denominator"}
+
     def __init__(self, task, stats, cfg):
         super().__init__(task, stats, cfg)
-        r = dict(cfg.get("renet", {}))
+        r = cfg.get("renet", {})
         self.num_conditions = c = self.task.num_outputs
-        self.conditional = bool(r.get("conditional", True))
         self.strategy = r.get("strategy", "random")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"renet.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
@@ -317,31 +324,31 @@ class RENet(AUModel):
             raise ValueError(f"renet.eval_path must be one of {EVAL_PATHS}, got {self.eval_path!r}")
         self._folded_cache: tuple[tuple, object] | None = None
 
-        b = dict(cfg.get("backbone", {}))
+        b = cfg.get("backbone", {})
         self.backbone, dim = create_backbone(**b)
         self.ctx = Condition()
-        self.converted = convert_batchnorms(self.backbone, c, self.ctx) if self.conditional else []
-        if self.conditional and not self.converted:
+        self.converted = convert_batchnorms(self.backbone, c, self.ctx)
+        if not self.converted:
             raise ValueError(f"backbone {b.get('name')!r} has no BatchNorm2d to condition")
         if r.get("bn_momentum") is not None:  # per-AU running statistics are updated only when the AU is drawn
             for mod in self.backbone.modules():
                 if isinstance(mod, AUConditionalBatchNorm2d):
                     mod.momentum = float(r["bn_momentum"])
 
-        g = dict(r.get("graph", {}))
+        g = r.get("graph", {})
         corr = torch.as_tensor(self.stats.corr_array())
         self.graph = RelationGraph(corr, learnable=bool(g.get("learnable", False)), init=g.get("init", "pcc"),
                                    random_range=float(g.get("random_range", 1.0)), norm=g.get("norm", "shrink"),
                                    min_denominator=float(g.get("min_denominator", 0.5)))
         bad = near_singular_rows(self.graph.raw().detach(), self.graph.min_denominator)
-        if bad.any() and self.conditional:
+        if bad.any():
             log.warning("RE-Net graph: Eq. 5 denominators below %.2f for %s (normalisation %r)",
                         self.graph.min_denominator, [self.task.names[i] for i in torch.nonzero(bad).flatten()],
                         self.graph.norm)
 
         self.out_per_condition = self.task.levels if self.task.kind == "intensity" else 1
-        h = dict(cfg.get("head", {}))
-        self.shared_head = bool(h.get("shared", True)) and self.conditional
+        h = cfg.get("head", {})
+        self.shared_head = bool(h.get("shared", True))
         n_out = self.out_per_condition * (1 if self.shared_head else c)
         drop = float(h.get("dropout", 0.0))
         self.head = nn.Sequential(nn.Dropout(drop), nn.Linear(dim, n_out)) if drop > 0 else nn.Linear(dim, n_out)
@@ -355,49 +362,18 @@ class RENet(AUModel):
         if unseen is not None:
             if unseen not in self.task.names:
                 raise ValueError(f"renet.unseen_au {unseen!r} is not a label of this task ({self.task.names})")
-            if not self.conditional or not self.shared_head:
-                raise ValueError("renet.unseen_au needs conditional BN and a shared head")
+            if not self.shared_head:
+                raise ValueError("renet.unseen_au needs a shared head (head.shared: true)")
         self.unseen = self.task.names.index(unseen) if unseen is not None else None
         self.fold_unsupported = self._fold_check()
-        self.register_buffer("train_conditions", torch.tensor(
-            [i for i in range(c) if i != self.unseen], dtype=torch.long), persistent=False)
-
-        d = dict(r.get("duplicate", {}))
-        self.dup_copies = int(d.get("copies", 1)) if d.get("enabled", False) else 0
-        self.register_buffer("rare", self._rare_labels(d), persistent=False)
+        trained = [i for i in range(c) if i != self.unseen]
+        self.register_buffer("train_conditions", torch.tensor(trained, dtype=torch.long), persistent=False)
+        if self.unseen is not None:  # Table 6: the withheld AU must not select the checkpoint either
+            self.set_validation_labels(trained)
+        self.init_duplication(cfg.get("duplicate"))
         self._au_gen: torch.Generator | None = None
 
     # ------------------------------------------------------------------ helpers
-    def _rare_labels(self, d: dict) -> Tensor:
-        names = self.task.names
-        if d.get("aus"):
-            missing = [a for a in d["aus"] if a not in names]
-            if missing:
-                raise ValueError(f"renet.duplicate.aus {missing} are not labels of this task")
-            return torch.tensor([names.index(a) for a in d["aus"]], dtype=torch.long)
-        k = max(1, round(float(d.get("rare_fraction", 0.0)) * len(names))) if d.get("rare_fraction") else 0
-        rate = torch.as_tensor(self.stats.label_rate, dtype=torch.float64)
-        return torch.argsort(rate, stable=True)[:k].long()
-
-    def positives(self, target: Tensor) -> Tensor:
-        """B x C bool: positive labels (occurrence, intensity >= threshold, or the expression class)."""
-        if self.task.kind == "expression":
-            return F.one_hot(target.long().clamp_min(0), self.num_conditions).bool() & (target >= 0)[:, None]
-        if self.task.kind == "intensity":
-            return target >= self.task.positive_threshold
-        return target > 0.5
-
-    def duplicate(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """(image, target) with the frames positive for a rare label appended ``copies`` more times (Table 8)."""
-        x, y = batch["image"], batch["target"]
-        if not self.dup_copies or self.rare.numel() == 0:
-            return x, y
-        pos = self.positives(y)[:, self.rare].any(1)
-        extra = torch.nonzero(pos).flatten().repeat(self.dup_copies)
-        if extra.numel() == 0:
-            return x, y
-        idx = torch.cat([torch.arange(x.shape[0], device=x.device), extra])
-        return x[idx], y[idx]
 
     def _draw_condition(self) -> int:
         if self._au_gen is None:  # same seed on every DDP rank -> same AU everywhere
@@ -452,7 +428,7 @@ class RENet(AUModel):
         """Why the folded evaluation path cannot serve this model (None: it can)."""
         from aurecog.models.renet_folded import unsupported_reason
 
-        reason = "conditional BN is off" if not self.conditional else unsupported_reason(self.backbone)
+        reason = unsupported_reason(self.backbone)
         if reason and self.eval_path == "folded":
             raise ValueError(f"renet.eval_path=folded: {reason}; use eval_path auto or batched")
         return reason
@@ -516,10 +492,6 @@ class RENet(AUModel):
 
     # ------------------------------------------------------------------ API
     def forward(self, batch: dict) -> dict:
-        if not self.conditional:
-            x, y = self.duplicate(batch) if self.training else (batch["image"], batch["target"])
-            z = self.head(self.backbone(x)).view(x.shape[0], self.num_conditions, self.out_per_condition)
-            return {"logits": self._assemble(z), "target": y, "mode": "plain"}
         if not self.training:
             return {"logits": self.predict(batch["image"])}
         x, y = self.duplicate(batch)
@@ -542,38 +514,21 @@ class RENet(AUModel):
         return y[:, c]
 
     def compute_loss(self, out: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """Eq. 6 (masked) for the conditioned AU(s): summed over AUs, averaged over known samples."""
+        """Eq. 6 (masked) for the conditioned AU(s), through :meth:`AUModel.supervised_loss` (mean over the known
+        (sample, AU) entries; positives weighted when ``loss.pos_weight: balanced``)."""
         mode = out.get("mode")
         if mode is None:  # an eval-style output (B x C logits)
             return super().compute_loss(out, batch)
         y, z, kind = out["target"], out["logits"], self.task.kind
-        pos = self.balanced_pos_weight(z)  # loss.pos_weight: balanced (None: the paper's plain Eq. 6)
-        if mode == "plain":
-            if kind == "au":
-                return _per_label_bce(z, y, pos).sum(), {}
-            return masked_cross_entropy(z, y), {}
+        cond = torch.as_tensor(out["cond"], device=z.device).reshape(-1)  # (k,) conditioned labels
         if mode == "random":
-            c = out["cond"]
-            if kind == "intensity":
-                return masked_cross_entropy(z, y[:, c]), {}
-            t = self._binary_target(y, c).reshape(-1, 1)
-            return weighted_bce(z.reshape(-1, 1), t, pos_coef=None if pos is None else pos[c]), {}
-        cond = out["cond"]
-        if kind == "intensity":  # per-AU 6-level CE, summed over AUs
-            yt = y[:, cond].long()
-            ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), yt.clamp_min(0).reshape(-1), reduction="none")
-            known = (yt >= 0).reshape(-1).to(ce.dtype)
-            per = (ce * known).view_as(yt).sum(0) / known.view_as(yt).sum(0).clamp_min(1)
-            return per.sum(), {}
-        zl = z.squeeze(-1)  # B, k
-        if kind == "expression" and self.expression_loss == "softmax":
-            return masked_cross_entropy(zl, y), {}
-        return _per_label_bce(zl, self._binary_target(y, cond), None if pos is None else pos[cond]).sum(), {}
-
-
-def _per_label_bce(logits: Tensor, target: Tensor, pos_coef: Tensor | None = None) -> Tensor:
-    """Masked BCE averaged over the known samples of each label -> (C,); positives weighted by ``pos_coef``."""
-    known = (target >= 0).to(logits.dtype)
-    t = target.clamp_min(0).to(logits.dtype)
-    loss = F.binary_cross_entropy_with_logits(logits, t, reduction="none", pos_weight=pos_coef) * known
-    return loss.sum(0) / known.sum(0).clamp_min(1)
+            z = z[:, None]  # B, 1, o
+        if kind != "intensity":
+            z = z.squeeze(-1)  # B, k
+        if kind == "intensity":  # per-AU 6-level CE
+            return self.supervised_loss(z, y[:, cond]), {}
+        if kind == "expression":
+            if self.expression_loss == "softmax":  # strategy 'all': CE over the K class outputs
+                return self.supervised_loss(z, y), {}
+            return self.supervised_loss(z, self._binary_target(y, cond), kind="au"), {}  # one-vs-rest Eq. 6
+        return self.supervised_loss(z, y[:, cond], labels=cond), {}

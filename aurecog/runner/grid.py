@@ -77,11 +77,16 @@ class Cell:
 
 
 def select_models(spec: str) -> list[str]:
-    """``default`` (each family's main model + the baseline), ``all``, group names, variant names, comma-separated."""
+    """``default`` (each family's main model + the baseline), ``all``, group names, paper tables (``renet-table8``,
+    :func:`aurecog.config.table_groups`), variant names, comma-separated."""
     variants = C.model_variants()
     groups: dict[str, list[str]] = {}
     for name, v in variants.items():
         groups.setdefault(v["group"], []).append(name)
+    for name, t in C.table_groups().items():
+        if name in groups or name in variants:
+            raise GridError(f"table group {name!r} ({t['file']}.yaml) clashes with a model or group of that name")
+        groups[name] = t["models"]
     out: list[str] = []
     for token in [t.strip() for t in spec.split(",") if t.strip()]:
         if token == "default":
@@ -89,9 +94,10 @@ def select_models(spec: str) -> list[str]:
         elif token == "all":
             names = list(variants)
         elif token in groups:
-            fam = variants[groups[token][0]]["file"]
-            mains = [n for n, v in variants.items() if v["file"] == fam and v["main"]]
-            names = mains + groups[token] if token.endswith("-ablation") else groups[token]
+            names = groups[token]
+            if token.endswith("-ablation") and names:
+                fam = variants[names[0]]["file"]
+                names = [n for n, v in variants.items() if v["file"] == fam and v["main"]] + names
         elif token in variants:
             names = [token]
         else:
