@@ -271,8 +271,11 @@ def test_warmup_hold_linear_schedule():
 def test_paper_size_parameter_count():
     """Table 5 at 224 input: ResNet-50 trunk (23,508,032) + 1x1 2048->512, generators, discriminators, g_r,
     classifier and 3 centres of 512x7x7, counted from the table's layer list."""
+    from aurecog.models.backbones import no_pretrained
+
     cfg = resolve("iern", "synth-fermix", "paper")
-    m = IERN(TaskSpec("expression", EMOTIONS), _stats(3), cfg)
+    with no_pretrained():  # sizes only: no ImageNet file needed
+        m = IERN(TaskSpec("expression", EMOTIONS), _stats(3), cfg)
     assert m.size == 7
     d = 512
     conv3 = d * d * 9
@@ -313,8 +316,11 @@ def test_iern_baseline_uses_iern_backbone_lr_and_schedule():
     and the warm-up / 15-epoch hold / linear-decay schedule (before: one lr for all, no hold)."""
     from aurecog.models.base import build_optimizer
 
+    from aurecog.models.backbones import no_pretrained
+
     cfg = resolve("iern-baseline", "synth-fermix", "paper")
-    m = build_model(cfg, TaskSpec("expression", EMOTIONS), _stats(3))
+    with no_pretrained():
+        m = build_model(cfg, TaskSpec("expression", EMOTIONS), _stats(3))
     from types import SimpleNamespace
 
     m._trainer = SimpleNamespace(estimated_stepping_batches=1000, max_epochs=cfg["trainer"]["max_epochs"])

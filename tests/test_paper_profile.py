@@ -85,8 +85,7 @@ def test_paper_profile_trains_validates_and_tests(model, rendered, tmp_path):
     cfg["dataset_config"] = ds_cfg
     cfg["protocol"] = C.load_dataset(dataset)["default_protocol"]
     t0 = time.time()
-    metrics = run_cell(cfg, 0, 0, tmp_path / "run", data_root=data_root, wandb_mode="disabled",
-                       ckpt_root=tmp_path / "ckpt", progress=False)
+    metrics = run_cell(cfg, 0, 0, tmp_path / "run", data_root=data_root, wandb_mode="disabled", progress=False)
     assert metrics["n_test"] > 0 and metrics["epochs_run"] >= 1, metrics
     assert metrics["profile"] == "paper" and metrics["test"], metrics
     hist = (tmp_path / "run" / "history.csv").read_text()

@@ -566,8 +566,11 @@ def test_paper_size_parameter_count():
     64 + 4*64 + (4*128 + 128) + (4*256 + 256) + (4*512 + 512) = 4,800 channels. RE-Net adds (C - 1) extra
     (gamma, beta) pairs per channel and a shared 512 -> 1 classifier."""
     names = [f"AU{i}" for i in range(12)]
+    from aurecog.models.backbones import no_pretrained
+
     cfg = resolve("renet", "synth", "paper")
-    m = build_model(cfg, TaskSpec("au", names), _stats(12, corr=np.eye(12)))
+    with no_pretrained():  # sizes only: no ImageNet file needed
+        m = build_model(cfg, TaskSpec("au", names), _stats(12, corr=np.eye(12)))
     n = sum(p.numel() for p in m.parameters())
     assert n == 11_176_512 + 11 * 2 * 4_800 + 513
     assert len(m.converted) == 20  # every BatchNorm2d of ResNet-18 (17 + 3 downsample)
