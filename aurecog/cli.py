@@ -186,12 +186,16 @@ def _lazy_epilog(parser: argparse.ArgumentParser, make) -> None:
 
 
 def cmd_models(a) -> int:
+    from aurecog import config as C
     from aurecog.config import model_variants
 
     for name, v in sorted(model_variants().items(), key=lambda kv: (kv[1]["file"], not kv[1]["main"], kv[0])):
         flag = "*" if v["main"] else " "
         print(f"{flag} {name:28s} group={v['group']:18s} class={v['family']:9s} {v['description']}")
     print("* = a paper's main model (MODELS=default runs these and the baseline)")
+    print("\npaper tables (MODELS=<table>; a table reported under its own protocol runs under it):")
+    for n, t in C.table_groups().items():
+        print(f"  {n:16s} [{t['protocol'] or 'dataset default protocol'}] {', '.join(t['models'])}")
     return 0
 
 

@@ -112,3 +112,17 @@ def test_declared_keys_are_read_when_the_model_is_built(model):
     # a mapping read as a whole (backbone -> create_backbone(**b)) counts for its leaves
     unread = {k for k in present if k not in seen and not (k.startswith("backbone.") and "backbone" in seen)}
     assert not unread, f"{model}: declared and set but never read: {sorted(unread)}"
+
+
+def test_a_paper_table_runs_under_its_own_protocol():
+    """``--models iern-table3`` on synth-fermix runs under bias90 (IERN Table 3) without --protocol; every paper
+    with an ablation table has a runnable group."""
+    cells = grid.expand("synth-fermix", "iern-table3", "0", "0")
+    assert {c.config["protocol"] for c in cells} == {"bias90"}
+    assert {c.model for c in cells} == {"iern", "iern-baseline", "iern-nwgm", "iern-resample"}
+    assert grid.expand("synth-fermix", "iern-table3", "0", "0", protocol="bias100")[0].config["protocol"] == "bias100"
+    tables = C.table_groups()
+    for t in ("cisnet-table3", "ac2d-table7", "iern-table2", "iern-table3", "renet-table6", "renet-table8"):
+        assert tables[t]["models"], t
+    assert set(tables["cisnet-table3"]["models"]) == {"cisnet", "cisnet-resnet18", "cisnet-resnet50",
+                                                      "cisnet-resnet18-wo", "cisnet-resnet34-wo", "cisnet-resnet50-wo"}

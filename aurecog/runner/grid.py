@@ -244,6 +244,12 @@ def expand(dataset: str, models: str = DEFAULT_MODELS, folds: str | None = "all"
            overrides: list[str] | None = None, task: str | None = None) -> list[Cell]:
     ds = C.load_dataset(dataset)
     profile = profile or ds.get("default_profile", "paper")
+    if protocol is None:  # a paper table reported under its own protocol (IERN Table 3: bias90) runs under it
+        tables = C.table_groups()
+        wanted = {tables[t]["protocol"] for t in str(models).split(",") if t.strip() in tables
+                  and tables[t.strip()]["protocol"]}
+        if len(wanted) == 1 and next(iter(wanted)) in (ds.get("protocols") or {}):
+            protocol = next(iter(wanted))
     protocol = protocol or ds.get("default_protocol")
     if protocol not in (ds.get("protocols") or {}):
         raise GridError(f"dataset {dataset!r} has no protocol {protocol!r}; protocols: {', '.join(ds['protocols'])}")
