@@ -198,3 +198,23 @@ def test_the_environment_is_the_lock():
     assert not missing and not extra, f"differs from requirements.lock: {missing}; not in the lock: {extra} " \
                                       "(make env rebuilds .venv; make lock re-pins)"
     assert lock["torch"] == "2.14.1" and lock["torchvision"] == "0.29.1"  # within the pip cap some machines carry
+
+
+def test_committed_results_come_from_clean_revisions_and_one_identity_per_row():
+    """Every committed run folder records an identity made from a committed (clean) tree and the pinned lock,
+    and the cells of one leaderboard row (dataset, model, protocol level) share one row identity."""
+    runs = sorted((REPO_ROOT / "results" / "runs").glob("**/metrics.json"))
+    tracked = subprocess.run(["git", "ls-files", "results/runs"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=60).stdout.split()
+    committed = [p for p in runs if str(p.relative_to(REPO_ROOT)) in set(tracked)]
+    assert committed, "no committed run folders"
+    rows: dict[str, set] = {}
+    for p in committed:
+        m = json.loads(p.read_text())
+        ident = m.get("identity")
+        assert ident, f"{p} has no identity (made before identities existed): regenerate it"
+        assert not ident["dirty"], f"{p} was made from an uncommitted tree"
+        assert len(ident["revision"]) == 40 and ident["lock"] != "no-lock", p
+        rows.setdefault(str(p.parent.parent.relative_to(REPO_ROOT)), set()).add(ident["row"])
+    mixed = {k: v for k, v in rows.items() if len(v) > 1}
+    assert not mixed, f"rows mixing identities: {mixed}"
