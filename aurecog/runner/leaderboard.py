@@ -352,12 +352,10 @@ def _task_table(task, tdf, runs, unc, reported, ref, synthetic, floor_tables) ->
     lines.append("")
     floors = tdf.dropna(subset=["floor"]) if "floor" in tdf else tdf.iloc[:0]
     if len(floors):
-        src = sorted(set(floors["floor_source"]))
-        why = ("training statistics stored in metrics.json" if src == ["training labels"] else
-               "no training label statistics are stored in these metrics.json files, so the test prevalence stands in: "
-               "an optimistic floor")
-        lines += [f"Floors are computed from each fold's test labels; the constant-score floor uses "
-                  f"{' / '.join(src)} ({why}). "
+        lines += ["Floors (the *floor* rows): every AU present (or the majority class) scored on each fold's test "
+                  "labels, and a constant score at the training-set prevalence (or mean level) stored in each "
+                  "cell's metrics.json (its row says *training labels*; *test labels* where a cell stores none, an "
+                  "optimistic floor). *vs best floor* compares each model with the best of them. "
                   f"{int(floors['at_floor'].sum())} of {len(floors)} rows are **at floor**. † marks rows from an "
                   "uncommitted (dirty) tree.", ""]
     if task == "au":
