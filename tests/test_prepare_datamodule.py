@@ -152,13 +152,18 @@ def test_test_loader_matches_the_fixture(root, name, pname, fold):
             seen.append(key)
     assert len(seen) == len(set(seen))
     expected = _expected_test_keys(cfg, protocol, fold, truth)
-    if expected is None:  # bias90: the held-out cells minus round(10%) of each
+    if expected is None:  # bias90: the held-out cells minus round(10%) of each cell's sequences, moved whole
         cells = protocol["folds"][fold]
-        sizes = {}
-        for v in truth[name].values():
+        seqs: dict = {}
+        for k, v in truth[name].items():
             if v["expr"] in cells[v["group"]]:
-                sizes[(v["group"], v["expr"])] = sizes.get((v["group"], v["expr"]), 0) + 1
-        assert len(seen) == sum(n - int(round(protocol["move_fraction"] * n)) for n in sizes.values())
+                seqs.setdefault((v["group"], v["expr"]), {}).setdefault((k[0], k[1]), 0)
+                seqs[(v["group"], v["expr"])][(k[0], k[1])] += 1
+        seen_seq = {(k[0], k[1]) for k in seen}
+        for cell, sq in seqs.items():
+            kept = [q for q in sq if q in seen_seq]
+            assert len(sq) - len(kept) == int(round(protocol["move_fraction"] * len(sq))), cell
+            assert all(sum(1 for k in seen if (k[0], k[1]) == q) == sq[q] for q in kept), cell  # whole sequences
     else:
         assert set(seen) == expected and expected
     if protocol["type"] == "cross_dataset":  # another dataset's people: never a training subject

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aurecog.models.cisnet import BANK_ONLY_MONITOR_VALUE
+
 META = {"Software": None}  # no version/timestamp in the PNG: same runs -> same bytes
 MANY = 8  # more rows than this: also draw the main-models figure
 VERDICT_COLOURS = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray",
@@ -191,7 +193,9 @@ def training_curves(dataset: str, runs: list[dict], out: Path) -> Path | None:
             continue
         mon = r.get("monitor")
         if mon in hist.columns:
-            curves.setdefault(r["model"], []).append(hist.set_index("epoch")[mon])
+            # CISNet's bank-only first epoch is not validated: it logs a sentinel below any real score
+            series = hist.set_index("epoch")[mon]
+            curves.setdefault(r["model"], []).append(series.mask(series == BANK_ONLY_MONITOR_VALUE))
     if not curves:
         return None
     plt = _plt()
