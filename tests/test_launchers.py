@@ -69,6 +69,8 @@ def _wait_cell(tmp_path: Path, runner: subprocess.Popen, timeout: float = 300) -
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert runner.poll() is None, (tmp_path / "runner.out").read_text()
+        for pid in _procs(str(tmp_path), {runner.pid}):  # paused by an earlier test's _ready: let it start
+            os.kill(pid, signal.SIGCONT)
         try:
             pid = json.loads(lock.read_text())["pid"]
             if pid in _procs(str(tmp_path)):
@@ -106,7 +108,12 @@ WANDB = ("SIGTERM", "wandb")  # runners logging to W&B offline
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
     """One runner per test below, all started at once (their start-up, mostly imports, overlaps); each cell is
-    paused (SIGSTOP) as soon as it is up, so the waiting cells cost no CPU, and resumed by its test."""
+    paused (SIGSTOP) as soon as it is up, so the waiting cells cost no CPU, and resumed by its test. The SynthAU
+    preset is generated first: a cell paused while it held the generation lock would block every other runner
+    (seen on a fresh clone, where no cache exists yet)."""
+    from aurecog.data.synth import generate
+
+    generate("synth", progress=False)
     started = {k: (tmp_path_factory.mktemp(k.lower()), None) for k in KINDS}
     started = {k: (d, _start(d, *LONG, *(["--wandb", "offline"] if k in WANDB else []),
                              wandb="offline" if k in WANDB else "disabled")) for k, (d, _) in started.items()}
@@ -122,8 +129,11 @@ def _ready(runners, kind: str) -> tuple[Path, subprocess.Popen, int]:
     cell = _wait_cell(d, runner)
     for k, (dk, rk) in runners.items():  # pause the other tests' cells that are up already
         if k != kind and rk.poll() is None:
-            for pid in _procs(str(dk), {rk.pid}):
-                os.kill(pid, signal.SIGSTOP)
+            # cells only: a runner's child forked but not yet exec'd carries the runner's command line, and
+            # stopping it would leave that runner waiting on the exec forever (seen on a fresh clone)
+            for pid, cmd in _procs(str(dk), {rk.pid}).items():
+                if "aurecog.runner.cell" in cmd:
+                    os.kill(pid, signal.SIGSTOP)
     for pid in _procs(str(d), {runner.pid}):
         os.kill(pid, signal.SIGCONT)
     return d, runner, cell
