@@ -52,8 +52,10 @@ def _index(subjects, per=3, datasets=None, expr=None):
     for i, s in enumerate(subjects):
         for j in range(per):
             ds = datasets or ["d"]
-            rows.append({"subject": s, "dataset": ds[i % len(ds)], "expression": (expr[(j // 3) % len(expr)] if expr else -1),
-                         "split": "train" if i % 3 else "validation", "session": f"q{j // 3}"})  # 3-frame sequences
+            # 3-frame sequences, one expression each
+            rows.append({"subject": s, "dataset": ds[i % len(ds)],
+                         "expression": (expr[(j // 3) % len(expr)] if expr else -1),
+                         "split": "train" if i % 3 else "validation", "session": f"q{j // 3}"})
     return pd.DataFrame(rows)
 
 

@@ -314,9 +314,8 @@ def test_ddp_two_cpu_processes(tmp_path):
 def test_iern_baseline_uses_iern_backbone_lr_and_schedule():
     """'Baseline' of Tables 2-3 trains with IERN's optimiser: backbone at optim.backbone_lr (1e-4, the rest 2e-4)
     and the warm-up / 15-epoch hold / linear-decay schedule (before: one lr for all, no hold)."""
-    from aurecog.models.base import build_optimizer
-
     from aurecog.models.backbones import no_pretrained
+    from aurecog.models.base import build_optimizer
 
     cfg = resolve("iern-baseline", "synth-fermix", "paper")
     with no_pretrained():
