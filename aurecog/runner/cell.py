@@ -265,16 +265,17 @@ def train_label_summary(dm) -> dict:
     return {"train_mean" if kind == "intensity" else "train_prevalence": out}
 
 
-def check_run_dir_writable(run_dir: Path) -> None:
-    """Fail before training when the run folder cannot be written (it used to fail after the test)."""
-    probe = run_dir / f".write-probe-{os.getpid()}"
+def check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` and write a probe file in it, before any training (an unwritable results folder used to
+    be discovered only after the test); PermissionError naming the folder and the fix otherwise."""
+    probe = Path(folder) / f".write-probe-{os.getpid()}"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"cannot write the run folder {run_dir} ({e.strerror or e}); choose a writable "
-                              "results folder with --results DIR") from None
+        raise PermissionError(f"cannot write to {folder} ({e.strerror or e}); choose a writable results folder "
+                              "with --results DIR") from None
 
 
 def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | None = None,
@@ -289,7 +290,7 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
 
     t0 = time.time()
     run_dir = Path(run_dir)
-    check_run_dir_writable(run_dir)
+    check_writable_folder(run_dir)
     threads = (cfg.get("trainer") or {}).get("threads")
     if threads:
         torch.set_num_threads(int(threads))

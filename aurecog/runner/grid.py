@@ -26,7 +26,7 @@ from aurecog import config as C
 from aurecog.config import REPO_ROOT
 from aurecog.data.protocols import num_folds
 from aurecog.data.synth import GENERATOR_VERSION
-from aurecog.runner.cell import FINISHED, atomic_write_json
+from aurecog.runner.cell import FINISHED, atomic_write_json, check_writable_folder
 
 DEFAULT_MODELS = "default"
 
@@ -323,14 +323,10 @@ def check_writable(cells: list[Cell]) -> None:
             if folder in seen:
                 continue
             seen.add(folder)
-            probe = folder / f".write-probe-{os.getpid()}"
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe.write_text("")
-                probe.unlink()
-            except OSError as e:
-                raise GridError(f"cannot write to {folder} ({e.strerror or e}); choose a writable results folder "
-                                "with --results DIR") from None
+                check_writable_folder(folder)
+            except PermissionError as e:
+                raise GridError(str(e)) from None
 
 
 def run_grid(cells: list[Cell], data_root: str | None = None, wandb_mode: str = "offline", jobs: int = 1,
