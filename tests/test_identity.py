@@ -99,6 +99,30 @@ def test_code_fingerprint_follows_code_content_not_report_modules(tmp_path):
     assert I.code_fingerprint(root) != fp
 
 
+def test_dirty_means_the_code_differs_not_the_results(tmp_path, monkeypatch):
+    """A rerun rewrites tracked result files; that must not mark its own environment.json / W&B tag ``-dirty``
+    (session 4: all 42 committed synth cells said -dirty while their identity said clean)."""
+    from aurecog.runner import cell
+
+    root = tmp_path / "repo"
+    for d in ("aurecog", "configs", "results"):
+        (root / d).mkdir(parents=True)
+    (root / "aurecog" / "a.py").write_text("x = 1\n")
+    (root / "results" / "m.json").write_text("{}\n")
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    monkeypatch.setattr(I, "REPO_ROOT", root)
+    monkeypatch.setattr(I.git_state, "__defaults__", (root,))
+    (root / "results" / "m.json").write_text('{"f1": 0.5}\n')
+    assert I.git_state(root)["dirty"] is False
+    assert not cell.git_revision().endswith("-dirty")
+    (root / "aurecog" / "a.py").write_text("x = 2\n")
+    assert I.git_state(root)["dirty"] is True
+    assert cell.git_revision().endswith("-dirty")
+
+
 def test_running_a_cell_does_not_import_the_report_only_modules():
     code = ("import sys; import aurecog.runner.cell, aurecog.runner.grid, aurecog.models.registry, "
             "aurecog.data.datamodule, aurecog.data.synth; "

@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pandas as pd
-
-from aurecog.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +68,14 @@ def _json_default(o):
 
 
 def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("-dirty" if dirty else "") if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
+    """Short revision of HEAD, with ``-dirty`` when the code that makes a result (identity.git_state: aurecog,
+    configs, the lock, pyproject.toml) differs from it; a rerun rewriting tracked result files is not dirty."""
+    from aurecog.runner.identity import git_state
+
+    g = git_state()
+    if g["revision"] == "unknown":
         return "unknown"
+    return g["revision"][:7] + ("-dirty" if g["dirty"] else "")
 
 
 def environment() -> dict:
@@ -450,10 +447,6 @@ def main(argv: list[str] | None = None) -> int:
 
     guard_process()  # die with the process that started this one (the runner, or rank 0 for DDP ranks)
     spec = json.loads(Path(argv[0]).read_text())
-    if os.environ.get("AURECOG_TORCH_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(os.environ["AURECOG_TORCH_THREADS"]))
     run_cell(spec["config"], spec["fold"], spec["seed"], Path(spec["run_dir"]), data_root=spec.get("data_root"),
              wandb_mode=spec.get("wandb_mode", "offline"), progress=spec.get("progress", True),
              status_path=spec.get("status_path"), identity=spec.get("identity"))

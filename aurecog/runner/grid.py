@@ -45,7 +45,6 @@ class Cell:
     run_dir: Path
     log_path: Path = field(default=None)
     status_path: Path = field(default=None)
-    results: Path = field(default=None)
     identity: dict | None = None  # set by assign_identities (needs the threads per cell, i.e. --jobs)
 
     @property
@@ -276,8 +275,7 @@ def expand(dataset: str, models: str = DEFAULT_MODELS, folds: str | None = "all"
                 if sub:
                     base, logs = base / sub, logs / sub
                 run_dir = base / f"{f}-{s}"
-                cells.append(Cell(m, dataset, f, s, cfg, run_dir, logs / f"{f}-{s}.log", logs / f"{f}-{s}.status",
-                                  results))
+                cells.append(Cell(m, dataset, f, s, cfg, run_dir, logs / f"{f}-{s}.log", logs / f"{f}-{s}.status"))
     return cells
 
 

@@ -96,7 +96,6 @@ def guard_process() -> None:
 def cell_env(threads: int, parent_pid: int | None = None) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    env["AURECOG_TORCH_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
     if parent_pid is not None:
         env["AURECOG_PARENT_PID"] = str(parent_pid)
