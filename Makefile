@@ -27,7 +27,7 @@ BENCH_ARGS := --dataset $(DATASET) --models $(MODELS) --folds $(FOLDS) --seeds $
 SYNTH_PRESETS := synth-bp4d synth-disfa synth-gft synth-bp4dplus synth-affwild2 synth-fermix
 PRESET_ARGS = --models $(MODELS) --folds $(FOLDS) --seeds $(SEEDS) --jobs $(JOBS) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
 
-.PHONY: bench presets test leaderboard perf prepare synth lint env lock clean-cache
+.PHONY: bench study presets test leaderboard perf prepare synth lint env lock clean-cache
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ env: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m aurecog.cli bench $(BENCH_ARGS)
+
+# the embedded experiment (configs/study.yaml: main models + ablations, all folds, 3 seeds, synth and synth-fermix
+# bias100 / bias90) into results/, reusing finished cells of the same identity, then the leaderboards
+study: $(STAMP)
+	$(PY) -m aurecog.cli study --jobs $(JOBS) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
 
 # every other SynthAU preset through the runner: each default protocol, plus DISFA-style intensity, the fermix
 # bias90 split and the BP4D -> BP4D+ cross-dataset protocol (e.g. `make presets FOLDS=0`)

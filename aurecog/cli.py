@@ -1,4 +1,4 @@
-"""``aurecog`` command line: bench, leaderboard, evaluate, synth, prepare, models, datasets."""
+"""``aurecog`` command line: bench, study, leaderboard, evaluate, synth, prepare, models, datasets."""
 
 from __future__ import annotations
 
@@ -71,6 +71,56 @@ def cmd_bench(a) -> int:
     for c, _ in res["failed"]:
         console.print(f"[red]failed: {c.key} (log {c.log_path})[/red]")
     return 1 if res["failed"] else 0
+
+STUDY_KEYS = {"seeds", "folds", "runs", "questions"}
+STUDY_RUN_KEYS = {"dataset", "models", "protocol"}
+
+
+def load_study(path: Path) -> dict:
+    """``configs/study.yaml``: every key checked (an unknown one names the file and the allowed keys)."""
+    import yaml
+
+    doc = yaml.safe_load(path.read_text()) or {}
+    bad = set(doc) - STUDY_KEYS
+    if bad:
+        raise SystemExit(f"error: {path}: unknown key(s) {sorted(bad)}; allowed: {sorted(STUDY_KEYS)}")
+    for i, r in enumerate(doc.get("runs") or []):
+        bad = set(r) - STUDY_RUN_KEYS
+        if bad or "dataset" not in r or "models" not in r:
+            raise SystemExit(f"error: {path}: runs[{i}] needs dataset and models (allowed keys: "
+                             f"{sorted(STUDY_RUN_KEYS)}), got {sorted(r)}")
+    return doc
+
+
+def cmd_study(a) -> int:
+    """Every `runs` entry of the study file through `bench` (same results folder, reused cells), then the
+    leaderboards of the datasets it touched (their subject-bias section answers the file's questions)."""
+    from aurecog.runner import leaderboard
+
+    path = Path(a.file)
+    doc = load_study(path)
+    seeds = a.seeds or ",".join(str(s) for s in doc.get("seeds", [0]))
+    folds = a.folds or str(doc.get("folds", "all"))
+    parser = build_parser()
+    rc = 0
+    for r in doc.get("runs") or []:
+        argv = ["bench", "--dataset", r["dataset"], "--models", ",".join(r["models"]), "--seeds", seeds,
+                "--folds", folds, "--jobs", str(a.jobs), "--results", a.results, "--no-leaderboard"]
+        if r.get("protocol"):
+            argv += ["--protocol", r["protocol"]]
+        if a.wandb:
+            argv += ["--wandb", a.wandb]
+        for kv in a.set:
+            argv += ["--set", kv]
+        print("aurecog " + " ".join(argv), flush=True)
+        if a.dry_run:
+            continue
+        rc |= cmd_bench(parser.parse_args(argv))
+    if not a.dry_run:
+        for d in dict.fromkeys(r["dataset"] for r in doc.get("runs") or []):
+            out = leaderboard.render(d, Path(a.results))
+            print(f"{d}: {out[0] if out else 'no finished runs'}")
+    return rc
 
 
 def _check_devices(cells) -> None:
@@ -244,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep finished cells whose identity (config, code, lock, data, threads, device) differs from "
                         "now instead of redoing them (a warning names each)")
     b.set_defaults(fn=cmd_bench)
+
+    st = sub.add_parser("study", help="the embedded experiment: configs/study.yaml's runs (all folds, several seeds) "
+                                      "and the leaderboards with its questions answered")
+    st.add_argument("--file", default=str(REPO_ROOT / "configs" / "study.yaml"))
+    st.add_argument("--seeds", default=None, help="comma-separated seeds (default: the file's)")
+    st.add_argument("--folds", default=None, help="all or comma-separated folds (default: the file's)")
+    st.add_argument("--jobs", type=int, default=2)
+    st.add_argument("--results", default=str(REPO_ROOT / "results"))
+    st.add_argument("--wandb", default=None)
+    st.add_argument("--set", action="append", default=[], help="config override for every run (repeatable)")
+    st.add_argument("--dry-run", action="store_true", help="print the bench commands only")
+    st.set_defaults(fn=cmd_study)
 
     lb = sub.add_parser("leaderboard", help="rebuild leaderboards from stored run folders (no training)")
     lb.add_argument("--dataset", default=None)

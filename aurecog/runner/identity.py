@@ -24,12 +24,13 @@ from pathlib import Path
 
 from aurecog.config import REPO_ROOT
 
-# Files whose content defines what a cell computes. Report-only modules (leaderboards, statistics, figures, the
-# W&B dashboard, the command line) are left out: editing them cannot change a cell's numbers, and
+# Files whose content defines what a cell computes. Report-only modules (leaderboards, statistics, the bias
+# analysis, figures, the W&B dashboard, the command line, the study's questions) are left out: editing them cannot change a cell's numbers, and
 # tests/test_identity.py checks that running a cell does not import them.
 CODE_GLOBS = ("aurecog/**/*.py", "configs/**/*.yaml")
 REPORT_ONLY = ("aurecog/cli.py", "aurecog/runner/leaderboard.py", "aurecog/runner/stats.py",
-               "aurecog/runner/claims.py", "aurecog/runner/figures.py", "aurecog/runner/dashboard.py")
+               "aurecog/runner/claims.py", "aurecog/runner/figures.py", "aurecog/runner/dashboard.py",
+               "aurecog/runner/bias.py", "configs/study.yaml")
 # config keys that say where/how a cell is launched, not what it computes
 NON_IDENTITY_KEYS = ("slurm",)
 LOCK_FILE = "requirements.lock"

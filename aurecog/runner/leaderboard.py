@@ -35,6 +35,7 @@ import pandas as pd
 
 from aurecog import config as C
 from aurecog.config import REPO_ROOT
+from aurecog.runner import bias as B
 from aurecog.runner import claims as CL
 from aurecog.runner import figures as FIG
 from aurecog.runner import stats as S
@@ -102,6 +103,11 @@ def _row_key(r: dict) -> tuple:
     return (r["model"], r.get("protocol"), r.get("profile"), r["task"], r.get("_identity", LEGACY))
 
 
+def _row_key_of(a: pd.Series) -> tuple:
+    """The :func:`_row_key` of an aggregated row."""
+    return (a["model"], a["protocol"], a["profile"], a["task"], a["identity"])
+
+
 def aggregate(runs: list[dict]) -> pd.DataFrame:
     """One row per (model, protocol, profile, task, identity): per-label means and sample standard deviations
     over seeds."""
@@ -158,30 +164,6 @@ def _f1_mean(df: pd.DataFrame, labels: list[str]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def habit_breakdown(runs: list[dict]) -> pd.DataFrame:
-    """SynthAU subject-bias analysis (AU tasks): mean F1 on the test subjects whose habits some training
-    subject shares ('common') and on the contrarian subjects whose habits contradict those of the same-looking
-    training subjects, per fold, then mean over folds and seeds. Needs ``test_habits`` in metrics.json."""
-    rows = []
-    for r in runs:
-        if r["task"] != "au" or not r.get("test_habits"):
-            continue
-        preds = pd.read_parquet(r["_dir"] / "predictions.parquet")
-        contrarian = {s for s, h in r["test_habits"].items() if h["contrarian"]}
-        is_c = preds["subject"].astype(str).isin(contrarian).to_numpy()
-        rows.append({"model": r["model"], "group": r["group"], "family": r["family"], "seed": r["seed"],
-                     "fold": r["fold"], "common": _f1_mean(preds[~is_c], r["labels"]),
-                     "contrarian": _f1_mean(preds[is_c], r["labels"]) if is_c.any() else float("nan")})
-    if not rows:
-        return pd.DataFrame()
-    df = pd.DataFrame(rows)
-    per_seed = df.groupby(["family", "group", "model", "seed"])[["common", "contrarian"]].mean().reset_index()
-    out = per_seed.groupby(["family", "group", "model"])[["common", "contrarian"]].mean().reset_index()
-    out["drop"] = out["common"] - out["contrarian"]
-    out["runs"] = df.groupby(["family", "group", "model"]).size().to_numpy()
-    return out
-
-
 def load_reported(results: Path, reported_dataset: str | None) -> pd.DataFrame:
     """Reported rows of one dataset from every ``results/reported/*.csv`` but the claims table."""
     files = sorted(f for f in (results / "reported").glob("*.csv") if f.name != "claims.csv")
@@ -215,8 +197,7 @@ def render(dataset: str, results: Path | None = None, plots: bool = True, draws:
     groups: dict = {}
     for r in runs:
         groups.setdefault(_row_key(r), []).append(r)
-    unc = S.Uncertainty(dataset, {i: groups[(a["model"], a["protocol"], a["profile"], a["task"], a["identity"])]
-                                  for i, a in agg.iterrows()}, agg, draws, seed)
+    unc = S.Uncertainty(dataset, {i: groups[_row_key_of(a)] for i, a in agg.iterrows()}, agg, draws, seed)
     extra = pd.DataFrame([unc.row_columns(i) for i in agg.index], index=agg.index)
     agg = pd.concat([agg, extra], axis=1)
     agg["row_id"] = agg.index
@@ -249,18 +230,12 @@ def render(dataset: str, results: Path | None = None, plots: bool = True, draws:
         for i in tdf.index:
             cells += unc.cells(i)
     lines += CL.markdown(tested, dataset, ref.get("dataset"), draws)
-    habits = habit_breakdown(runs) if synthetic else pd.DataFrame()
-    if not habits.empty:
-        lines += ["## Subject bias (SynthAU ground-truth habits)", "",
-                  "Mean F1 x 100 on test subjects whose expression habits training subjects share (*common*) and on "
-                  "the *contrarian* subjects, whose habits contradict those of the same-looking training subjects "
-                  "(e.g. smiles without AU6). A model that leans on training-subject co-occurrence loses F1 on "
-                  "the contrarians: compare the drop across models.", "",
-                  "| model | group | F1 common | F1 contrarian | drop | runs |", "|---|---|---|---|---|---|"]
-        for _, h in habits.sort_values(["family", "group", "model"]).iterrows():
-            lines.append(f"| {h['model']} | {h['group']} | {_fmt(h['common'])} | {_fmt(h['contrarian'])} | "
-                         f"{_fmt(h['drop'])} | {h['runs']} |")
-        lines.append("")
+    answers = pd.DataFrame()
+    if synthetic:
+        row_runs = {i: groups[_row_key_of(a)] for i, a in agg.iterrows()}
+        gaps = B.HabitGaps(dataset, agg, row_runs, draws, seed)
+        answers = B.answer(B.load_questions(), dataset, agg, gaps, unc.difference)
+        lines += B.markdown(agg, gaps, answers, draws)
     lines += _provenance_section(agg)
     if plots:
         pngs = write_plots(dataset, runs, agg, pd.DataFrame(cells), floor_tables, tested, variants, out_dir)
@@ -271,6 +246,11 @@ def render(dataset: str, results: Path | None = None, plots: bool = True, draws:
     md.write_text("\n".join(lines))
     cols = [c for c in agg.columns if c != "row_id"]
     agg[cols].sort_values(["task", "family", "model", "identity"]).to_csv(csv, index=False, float_format="%.6f")
+    study_csv = out_dir / "study.csv"
+    if not answers.empty:
+        answers.to_csv(study_csv, index=False, float_format="%.4f")
+    elif study_csv.exists():
+        study_csv.unlink()
     claims_csv = out_dir / "claims.csv"
     if not tested.empty:
         tested.to_csv(claims_csv, index=False, float_format="%.4f")

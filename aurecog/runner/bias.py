@@ -1,0 +1,214 @@
+"""The deconfounding question on SynthAU, with uncertainty: the gap between the test subjects whose expression
+habits training subjects share (*common*) and the *contrarian* subjects whose habits contradict those of the
+same-looking training subjects (SynthAU's ground truth, ``test_habits`` in each cell's metrics.json), and whether
+a model with a causal part shrinks that gap relative to its own ablation without it.
+
+For each leaderboard row (AU task) the headline metric (mean F1 over AUs) is computed on the common and on the
+contrarian test frames, per fold, averaged over folds and seeds as the leaderboard does; *gap* = common -
+contrarian. Intervals come from the leaderboard's subject-level bootstrap (:mod:`aurecog.runner.stats`) with the
+resampling stratified by fold *and* habit status, so every draw keeps each fold's numbers of common and contrarian
+subjects; all rows share the draws (same fold keys), so the difference of two rows' gaps is paired.
+
+The questions (which model is compared with which ablation) are data: ``configs/study.yaml`` ``questions``.
+``gap`` questions compare gaps: ``reduction = gap(ablation) - gap(model)``, *shrinks* when its interval lies above
+0, *widens* when below, otherwise *inconclusive*; ``metric`` questions compare the headline metric itself
+(``model - ablation``; *better* / *worse* / *inconclusive*). A question involving a row at floor level is
+inconclusive by construction, as the claims table does; so is a gap question when a fold has a single subject in
+a habit stratum (every draw keeps that subject, so the interval lacks its between-subject spread).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from aurecog import config as C
+from aurecog.runner import stats as S
+
+SPLITS = ("common", "contrarian")
+STUDY_FILE = "study.yaml"
+QUESTION_KINDS = ("gap", "metric")
+QUESTION_KEYS = {"model", "ablation", "kind", "part", "datasets"}
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_questions(path: Path | None = None) -> list[dict]:
+    """The study's questions (``configs/study.yaml`` ``questions``), each checked for its keys."""
+    path = Path(path or C.CONFIG_DIR / STUDY_FILE)
+    doc = _load_yaml(path)
+    out = []
+    for i, q in enumerate(doc.get("questions") or []):
+        unknown = set(q) - QUESTION_KEYS
+        if unknown:
+            raise ValueError(f"{path}: question {i + 1} has unknown key(s) {sorted(unknown)}; "
+                             f"allowed: {sorted(QUESTION_KEYS)}")
+        missing = {"model", "ablation", "kind"} - set(q)
+        if missing:
+            raise ValueError(f"{path}: question {i + 1} lacks {sorted(missing)}")
+        if q["kind"] not in QUESTION_KINDS:
+            raise ValueError(f"{path}: question {i + 1} kind={q['kind']!r}; use one of {QUESTION_KINDS}")
+        out.append(q)
+    return out
+
+
+def _split_frames(r: dict, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    contrarian = {s for s, h in (r.get("test_habits") or {}).items() if h["contrarian"]}
+    is_c = df["subject"].astype(str).isin(contrarian).to_numpy()
+    return {"common": df[~is_c], "contrarian": df[is_c]}
+
+
+class HabitGaps:
+    """Common / contrarian rows of every AU leaderboard row that has habit ground truth, on shared draws."""
+
+    def __init__(self, dataset: str, agg: pd.DataFrame, groups: dict[int, list[dict]], draws: int = S.DRAWS,
+                 seed: int = S.SEED):
+        self.rows: dict[int, dict[str, S.RowData]] = {}
+        for i, a in agg.iterrows():
+            rs = [r for r in groups[i] if r.get("test_habits") and (r["_dir"] / "predictions.parquet").exists()]
+            if a["task"] != "au" or not rs:
+                continue
+            parts = {sp: S.RowData("au", rs[0]["labels"], f"{dataset}/{a['protocol']}/au/{sp}") for sp in SPLITS}
+            for r in rs:
+                for sp, df in _split_frames(r, pd.read_parquet(r["_dir"] / "predictions.parquet")).items():
+                    if len(df):
+                        parts[sp].add(r["fold"], r["seed"], df)
+            if all(p.frames for p in parts.values()):
+                self.rows[i] = parts
+        subjects: dict[str, set] = {}
+        for parts in self.rows.values():
+            for row in parts.values():
+                for fold in {f for f, _ in row.frames}:
+                    subjects.setdefault(f"{row.fold_key}/{fold}", set()).update(row.subjects(fold))
+        self.boot = S.Bootstrap(S.Resampler(draws, seed), {k: sorted(v) for k, v in subjects.items()})
+        #: fewest subjects a fold has in a habit stratum: with 1, every draw keeps that subject, so the interval
+        #: holds no between-subject spread for that stratum (it is then marked in the table)
+        self.min_per_fold = {sp: min((len(v) for k, v in subjects.items() if k.split("/")[-2] == sp), default=0)
+                             for sp in SPLITS}
+        self.sums = {i: {sp: self.boot.cell_sums(row) for sp, row in parts.items()} for i, parts in self.rows.items()}
+
+    def _eval(self, i: int, keys=None) -> dict[str, tuple[float, np.ndarray]]:
+        out = {}
+        for sp in SPLITS:
+            point, draws = self.boot.evaluate(self.rows[i][sp], self.sums[i][sp], keys)
+            out[sp] = (point["f1"], draws["f1"])
+        return out
+
+    def _keys(self, i: int) -> set:
+        return set(self.sums[i]["common"]) & set(self.sums[i]["contrarian"])
+
+    def row(self, i: int) -> dict:
+        """Point values and 95% intervals of F1 common, F1 contrarian and the gap of row ``i``."""
+        e = self._eval(i, self._keys(i))
+        (pc, dc), (pk, dk) = e["common"], e["contrarian"]
+        out = {"row_id": i, "common": pc, "contrarian": pk, "gap": pc - pk}
+        for name, d in (("common", dc), ("contrarian", dk), ("gap", dc - dk)):
+            out[f"{name}_lo"], out[f"{name}_hi"] = S.interval(d)
+        keys = self._keys(i)
+        out["cells"], out["seeds"] = len(keys), len({s for _, s in keys})
+        return out
+
+    def gap_reduction(self, model: int, ablation: int) -> dict:
+        """gap(ablation) - gap(model) on the cells both rows have, with paired draws."""
+        keys = self._keys(model) & self._keys(ablation)
+        if not keys:
+            return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "cells": 0, "seeds": 0}
+        em, ea = self._eval(model, keys), self._eval(ablation, keys)
+        gm = em["common"][0] - em["contrarian"][0]
+        ga = ea["common"][0] - ea["contrarian"][0]
+        d = (ea["common"][1] - ea["contrarian"][1]) - (em["common"][1] - em["contrarian"][1])
+        lo, hi = S.interval(d)
+        return {"diff": ga - gm, "lo": lo, "hi": hi, "cells": len(keys), "seeds": len({s for _, s in keys})}
+
+
+def _verdict(lo: float, hi: float, kind: str) -> str:
+    pos, neg = ("shrinks the gap", "widens the gap") if kind == "gap" else ("better", "worse")
+    if lo != lo or hi != hi:
+        return "inconclusive"
+    return pos if lo > S.CLEAR else neg if hi < -S.CLEAR else "inconclusive"
+
+
+def answer(questions: list[dict], dataset: str, agg: pd.DataFrame, gaps: HabitGaps, difference) -> pd.DataFrame:
+    """One line per question and pair of rows (same protocol, profile, task) present in ``agg``;
+    ``difference(a, b, metric)`` is the leaderboard's paired difference (:meth:`stats.Uncertainty.difference`)."""
+    out = []
+    for q in questions:
+        if q.get("datasets") and dataset not in q["datasets"]:
+            continue
+        ra, rb = agg[agg["model"] == q["model"]], agg[agg["model"] == q["ablation"]]
+        for _, a in ra.iterrows():
+            same = rb[(rb["protocol"].astype(str) == str(a["protocol"])) & (rb["profile"] == a["profile"])
+                      & (rb["task"] == a["task"])]
+            for _, b in same.iterrows():
+                if q["kind"] == "gap":
+                    if a["row_id"] not in gaps.rows or b["row_id"] not in gaps.rows:
+                        continue
+                    d = gaps.gap_reduction(a["row_id"], b["row_id"])
+                    measure = "gap(ablation) - gap(model), F1 x100"
+                else:
+                    d = difference(a["row_id"], b["row_id"], S.HEADLINE[a["task"]])
+                    measure = f"{S.HEADLINE[a['task']]}(model) - {S.HEADLINE[a['task']]}(ablation), x100"
+                v = _verdict(d["lo"], d["hi"], q["kind"])
+                floor = [m for m, r in ((q["model"], a), (q["ablation"], b)) if bool(r.get("at_floor", False))]
+                if floor:
+                    v = "inconclusive (at floor)"
+                elif q["kind"] == "gap" and min(gaps.min_per_fold.values()) < 2:
+                    v = "inconclusive (1 subject per fold in a habit stratum)"
+                out.append({"model": q["model"], "ablation": q["ablation"], "part": q.get("part", ""),
+                            "kind": q["kind"], "measure": measure, "protocol": a["protocol"], "profile": a["profile"],
+                            "diff": d["diff"] * 100, "lo": d["lo"] * 100, "hi": d["hi"] * 100, "cells": d["cells"],
+                            "seeds": d["seeds"], "verdict": v, "at_floor": ",".join(floor)})
+    return pd.DataFrame(out)
+
+
+def _ci(v: float, lo: float, hi: float) -> str:
+    return "" if v != v else f"{v * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]"
+
+
+def markdown(agg: pd.DataFrame, gaps: HabitGaps, answers: pd.DataFrame, draws: int) -> list[str]:
+    """The subject-bias section of a SynthAU leaderboard: the gap per row, then the study's questions."""
+    if not gaps.rows:
+        return []
+    lines = ["## Subject bias (SynthAU ground-truth habits)", "",
+             "Mean F1 x 100 on the test subjects whose expression habits training subjects share (*common*) and on "
+             "the *contrarian* subjects, whose habits contradict those of the same-looking training subjects (e.g. "
+             "smiles without AU6); *gap* = common - contrarian. A model that leans on training-subject "
+             "co-occurrence has a larger gap. 95% intervals: subject-level bootstrap stratified by fold and habit "
+             f"status ({draws} draws, shared with the questions below).", "",
+             "| model | group | F1 common [95% CI] | F1 contrarian [95% CI] | gap [95% CI] | cells (seeds) |",
+             "|---|---|---|---|---|---|"]
+    order = agg.loc[list(gaps.rows)].sort_values(["family", "group", "model"])
+    for i, a in order.iterrows():
+        g = gaps.row(i)
+        name = a["model"] + (" (**at floor**)" if bool(a.get("at_floor", False)) else "")
+        lines.append(f"| {name} | {a['group']} | {_ci(g['common'], g['common_lo'], g['common_hi'])} | "
+                     f"{_ci(g['contrarian'], g['contrarian_lo'], g['contrarian_hi'])} | "
+                     f"{_ci(g['gap'], g['gap_lo'], g['gap_hi'])} | {g['cells']} ({g['seeds']}) |")
+    lines.append("")
+    thin = [sp for sp, n in gaps.min_per_fold.items() if n < 2]
+    if thin:
+        lines += [f"**Caution:** a fold has a single {' / '.join(thin)} test subject, so the bootstrap redraws that "
+                  "one subject every time: those intervals hold no between-subject spread (they are too narrow), "
+                  "and so do the gap intervals built on them. A preset with several contrarian subjects per fold "
+                  "is needed to tell a gap difference from noise (issue #17, presets sized for the question).", ""]
+    if answers.empty:
+        return lines
+    lines += ["### The study's questions (configs/study.yaml)", "",
+              "*gap* questions: does the model's causal part shrink the common-contrarian gap relative to its own "
+              "ablation without it (reduction = gap(ablation) - gap(model), paired draws)? *metric* questions: is "
+              "the model better than the ablation on the headline metric? *inconclusive* when the 95% interval "
+              "includes 0.", "",
+              "| model | ablation | part | measure | difference [95% CI] | verdict | cells (seeds) |",
+              "|---|---|---|---|---|---|---|"]
+    for _, r in answers.iterrows():
+        lines.append(f"| {r['model']} | {r['ablation']} | {r['part']} | {r['measure']} | "
+                     f"{r['diff']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] | **{r['verdict']}** | "
+                     f"{r['cells']} ({r['seeds']}) |")
+    lines.append("")
+    return lines
