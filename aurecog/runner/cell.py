@@ -117,6 +117,42 @@ class HistoryCallback(L.Callback):
         self.rows.append(row)
 
 
+class TimingCallback(L.Callback):
+    """Wall time inside ``fit`` spent training vs validating, and the optimiser steps taken (metrics.json
+    ``timings``: where a cell's time goes, and its training rate in images per minute)."""
+
+    def __init__(self):
+        self.train_s = self.val_s = 0.0
+        self._t = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if str(getattr(trainer.state.fn, "value", trainer.state.fn)) == "fit":  # inside fit: close the training stretch
+            self.train_s += time.perf_counter() - self._t
+        self._v = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.val_s += time.perf_counter() - self._v
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.train_s += time.perf_counter() - self._t
+        self._t = time.perf_counter()
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere): the interpreter start and imports
+    before :func:`run_cell` is called."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class StatusCallback(L.Callback):
     """Writes the cell's progress (phase, batches done/total) to a small JSON file the grid runner polls."""
 
@@ -286,6 +322,7 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     from aurecog.models.registry import build_model
 
     t0 = time.time()
+    started_s = process_age_s()
     run_dir = Path(run_dir)
     check_writable_folder(run_dir)
     threads = (cfg.get("trainer") or {}).get("threads")
@@ -306,8 +343,8 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     mode = "max" if has_val else "min"
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                                  auto_insert_metric_name=False, enable_version_counter=False)]
-    history = HistoryCallback()
-    callbacks.append(history)
+    history, timing = HistoryCallback(), TimingCallback()
+    callbacks += [history, timing]
     if status_path:
         callbacks.append(StatusCallback(status_path))
     patience = cfg.get("trainer", {}).get("early_stopping_patience")
@@ -324,10 +361,13 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     trainer = L.Trainer(**tk, logger=logger, callbacks=callbacks, use_distributed_sampler=False,
                         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
                         log_every_n_steps=10, default_root_dir=str(ckpt_dir))
+    t_fit = time.time()
     trainer.fit(model, datamodule=dm, **({} if has_val else {"val_dataloaders": []}))
+    t_test = time.time()
     best = callbacks[0].best_model_path or None
     best_epoch = _best_epoch(history.rows, monitor, mode)
     trainer.test(model, datamodule=dm, ckpt_path=best if best else None, verbose=False)
+    t_done = time.time()
     if trainer.global_rank != 0:
         return None
     res = model.test_results
@@ -340,6 +380,8 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
         "pcc_similarity": pcc, "n_train": len(dm.split_rows["train"]), "n_val": len(dm.split_rows["val"]),
         "n_test": int(len(res["predictions"]["sample"])), "selected_epoch": best_epoch, "monitor": monitor,
         "epochs_run": trainer.current_epoch, "wall_time_s": round(time.time() - t0, 1),
+        "timings": _timings(started_s, t0, t_fit, t_test, t_done, timing, trainer.global_step,
+                            int(cfg["data"]["batch_size"])),
         "train_subjects": dm.stats.subjects, **train_label_summary(dm),
     }
     if cfg.get("synth_version") is not None:
@@ -369,6 +411,19 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
 
         wandb.finish()
     return metrics
+
+
+def _timings(started_s, t0, t_fit, t_test, t_done, timing: TimingCallback, steps: int, batch: int) -> dict:
+    """Seconds per phase of the cell (``start``: interpreter and imports before run_cell; ``setup``: data, model,
+    logger, trainer; ``train`` / ``validate`` inside fit; ``fit_other``: the rest of fit (checkpointing, epoch
+    hooks); ``test``: reload of the best checkpoint and the test pass) and the training rate (optimiser steps x
+    batch per minute of ``train``). Writing the outputs comes after and is not included."""
+    fit = t_test - t_fit
+    out = {"start": started_s, "setup": t_fit - t0, "train": timing.train_s, "validate": timing.val_s,
+           "fit_other": max(0.0, fit - timing.train_s - timing.val_s), "test": t_done - t_test,
+           "steps": int(steps), "batch": int(batch)}
+    out["train_images_per_min"] = steps * batch / timing.train_s * 60 if timing.train_s > 0 else float("nan")
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def _best_epoch(rows: list[dict], monitor: str, mode: str):
