@@ -178,10 +178,17 @@ def cmd_prepare(a) -> int:
 
 def cmd_predict(a) -> int:
     from aurecog.data.prepare import PrepareError
-    from aurecog.predict import PredictError, load_predictor, predict
+    from aurecog.predict import PredictError, load_predictor, open_source, predict
 
     try:
+        for src in a.sources:  # an unreadable file stops before the model is loaded
+            open_source(src, a.fps)
         predictor = load_predictor(a.model, a.device)
+        if not predictor.preprocessing.get("alignment"):
+            print(f"warning: {predictor.path} was trained on crops that `aurecog prepare` did not align (rendered "
+                  "SynthAU faces, whose eyes sit elsewhere in the crop than prepare's canonical positions): its "
+                  "predictions on real faces check the pipeline, they do not measure a real-face model",
+                  file=sys.stderr)
         table = predict(a.sources, predictor, a.out, overlay=a.overlay, batch_size=a.batch_size, fps=a.fps,
                         progress=not a.no_progress)
     except (PredictError, PrepareError) as e:

@@ -144,6 +144,29 @@ def test_video_one_row_per_frame_and_face(run_dir, tmp_path):
     pd.testing.assert_frame_equal(again[au], table[au], rtol=1e-5, atol=1e-6)
 
 
+def test_folder_of_frames_and_an_image_without_a_face(run_dir, tmp_path, capsys):
+    """A folder of frames gets timestamps from --fps; an image without a face is one row with success = 0."""
+    face = _patch(P.read_image(PHOTO))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(3):
+        fr = np.full((128, 160, 3), 90, np.uint8)
+        if k != 1:
+            fr[16:112, 20 + 10 * k:116 + 10 * k] = face
+        cv2.imwrite(str(frames / f"{k:04d}.png"), fr)
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((120, 120, 3), 90, np.uint8))
+    out = tmp_path / "f.csv"
+    assert cli.main(["predict", str(frames), str(blank), "--model", str(run_dir), "--out", str(out), "--fps", "10",
+                     "--no-progress"]) == 0
+    assert "trained on crops that `aurecog prepare` did not align" in capsys.readouterr().err  # SynthAU ckpt
+    csv = pd.read_csv(out)
+    assert csv[["frame", "face_id", "timestamp", "success"]].values.tolist() == [
+        [1, 0, 0.0, 1], [2, 0, 0.1, 0], [3, 0, 0.2, 1], [1, 0, 0.0, 0]]
+    assert csv["source"].tolist() == [str(frames)] * 3 + [str(blank)]
+    assert csv.loc[[1, 3], "confidence"].eq(0).all() and csv.loc[[1, 3], "AU01_p"].isna().all()
+
+
 def test_tracker_keeps_ids_by_overlap():
     t = PR.Tracker()
     assert t.assign(1, [(0, 0, 10, 10), (50, 0, 60, 10)]) == [0, 1]
