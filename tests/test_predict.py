@@ -54,6 +54,11 @@ def test_photo_face_aligned_and_predicted_as_on_prepare_s_crop(run_dir, tmp_path
     img = P.read_image(PHOTO)
     faces = P.detect_faces(img)
     assert len(faces) == 1
+    import dlib  # the detector call preparation used before detect_faces existed finds the same box
+
+    rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    assert [(r.left(), r.top(), r.right(), r.bottom()) for r in dlib.get_frontal_face_detector()(rgb, 1)] == \
+        [f.box for f in faces]
     x0, y0, x1, y1 = faces[0].box
     assert 150 < x0 < x1 < 400 and 100 < y0 < y1 < 360  # the face of the portrait (512 x 600)
     # `aurecog prepare generic` on the photograph (no landmarks given: the detector path), at the model's size

@@ -83,7 +83,8 @@ class DetectedFace:
 
     @property
     def area(self) -> int:
-        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+        """dlib's ``rect.width() * rect.height()`` (inclusive corners)."""
+        return (self.box[2] - self.box[0] + 1) * (self.box[3] - self.box[1] + 1)
 
 
 def shape_predictor_file() -> Path:
