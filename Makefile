@@ -27,7 +27,7 @@ BENCH_ARGS := --dataset $(DATASET) --models $(MODELS) --folds $(FOLDS) --seeds $
 SYNTH_PRESETS := synth-bp4d synth-disfa synth-gft synth-bp4dplus synth-affwild2 synth-fermix
 PRESET_ARGS = --models $(MODELS) --folds $(FOLDS) --seeds $(SEEDS) --jobs $(JOBS) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
 
-.PHONY: bench study presets test leaderboard perf prepare synth lint env lock clean-cache
+.PHONY: bench study presets test leaderboard perf prepare predict synth lint env lock clean-cache
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,11 @@ prepare: $(STAMP)
 	@test -n "$(SRC)" || { echo "usage: make prepare DATASET=<name> SRC=<distribution folder> DATA_ROOT=<prepared root>"; exit 2; }
 	@test -n "$(DATA_ROOT)" || { echo "usage: make prepare DATASET=<name> SRC=<distribution folder> DATA_ROOT=<prepared root>"; exit 2; }
 	$(PY) -m aurecog.cli prepare $(DATASET) --src $(SRC) --out $(DATA_ROOT)/$(DATASET)
+
+# a trained model on your own images / folders of frames / videos (OpenFace-style CSV; README "Predict")
+predict: $(STAMP)
+	@test -n "$(SRC)" -a -n "$(MODEL)" || { echo "usage: make predict SRC='<images, folders, videos>' MODEL=<run folder or .ckpt> [CSV=predictions.csv] [ARGS='--overlay DIR']"; exit 2; }
+	$(PY) -m aurecog.cli predict $(SRC) --model $(MODEL) --out $(or $(CSV),predictions.csv) $(ARGS)
 
 synth: $(STAMP)
 	$(PY) -m aurecog.cli synth --preset $(DATASET) --sheet

@@ -68,42 +68,112 @@ class PrepareError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------- detector
-_DETECTOR: Any = None
+_DETECTOR: Any = None  # frame -> landmarks of the face preparation aligns (None: largest_face_landmarks)
+_FACES: Any = None  # frame -> every DetectedFace (None: loaded on first use)
+
+
+@dataclass
+class DetectedFace:
+    """One face found by the detector: ``box`` (x0, y0, x1, y1) in image pixels, the detector's ``score`` (dlib
+    HOG: the SVM margin, > 0 when detected at the default threshold) and the iBUG-68 ``landmarks`` (68 x 2)."""
+
+    box: tuple[int, int, int, int]
+    score: float
+    landmarks: np.ndarray
+
+    @property
+    def area(self) -> int:
+        """dlib's ``rect.width() * rect.height()`` (inclusive corners)."""
+        return (self.box[2] - self.box[0] + 1) * (self.box[3] - self.box[1] + 1)
+
+
+def shape_predictor_file() -> Path:
+    """The 68-point shape predictor that ``face-recognition-models`` installs, located without importing that
+    package (its ``__init__`` needs ``pkg_resources``, which setuptools >= 81 no longer ships)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("face_recognition_models is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+    if not path.exists():
+        raise ImportError(f"{path} is missing; reinstall face-recognition-models")
+    return path
 
 
 def _load_detector():
     try:
-        import dlib  # noqa: F401
-        import face_recognition_models
+        import dlib
+
+        model = shape_predictor_file()
     except ImportError as e:
         raise PrepareError(
             "this dataset ships no landmarks (or a frame lacks them) and no face/landmark detector is installed. "
             f"Install the optional detector with `{DETECTOR_HINT}` (dlib HOG face detector + 68-point shape "
             "predictor), or provide landmark files (see the dataset's documentation)") from e
-    import dlib
 
     detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
+    predictor = dlib.shape_predictor(str(model))
 
-    def detect(image_bgr: np.ndarray) -> np.ndarray | None:
+    def detect(image_bgr: np.ndarray) -> list[DetectedFace]:
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB) if image_bgr.ndim == 3 else image_bgr
-        faces = detector(rgb, 1)
-        if not faces:
-            return None
-        face = max(faces, key=lambda r: r.width() * r.height())
-        shape = predictor(rgb, face)
-        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+        rects, scores, _ = detector.run(rgb, 1, 0.0)  # = detector(rgb, 1), with the scores
+        out = []
+        for r, sc in zip(rects, scores):
+            shape = predictor(rgb, r)
+            out.append(DetectedFace((r.left(), r.top(), r.right(), r.bottom()), float(sc),
+                                    np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)))
+        return out
 
     return detect
 
 
+def detect_faces(image_bgr: np.ndarray) -> list[DetectedFace]:
+    """Every face the dlib detector finds (upsampled once), in the detector's order. The detector is loaded
+    lazily once per process; :class:`PrepareError` naming ``pip install dlib-bin face-recognition-models`` if
+    missing."""
+    global _FACES
+    if _FACES is None:
+        _FACES = _load_detector()
+    return _FACES(image_bgr)
+
+
+def largest_face_landmarks(image_bgr: np.ndarray) -> np.ndarray | None:
+    """iBUG-68 landmarks of the largest face of :func:`detect_faces` (the first one on a tie), or None."""
+    faces = detect_faces(image_bgr)
+    if not faces:
+        return None
+    return max(faces, key=lambda f: f.area).landmarks
+
+
 def detect_landmarks(image_bgr: np.ndarray) -> np.ndarray | None:
-    """iBUG-68 landmarks of the largest face, or None when no face is found. The dlib detector is loaded lazily
-    once per process; :class:`PrepareError` naming ``pip install dlib-bin face-recognition-models`` if missing."""
+    """The landmarks preparation uses for a frame without landmarks: :func:`largest_face_landmarks` (tests
+    replace ``_DETECTOR`` with a stand-in), or None when no face is found."""
     global _DETECTOR
     if _DETECTOR is None:
-        _DETECTOR = _load_detector()
+        _DETECTOR = largest_face_landmarks
     return _DETECTOR(image_bgr)
+
+
+def detector_landmarks(landmarks_ibug68: np.ndarray, layout: str) -> np.ndarray:
+    """The detector's iBUG-68 points in ``layout`` (the 66 DISFA points or the 49 IntraFace points)."""
+    lm = np.asarray(landmarks_ibug68, dtype=np.float32)
+    if layout == "ibug68":
+        return lm
+    from aurecog.data.landmarks import DISFA66_FROM_IBUG68, INTRAFACE49_FROM_IBUG68
+
+    return lm[INTRAFACE49_FROM_IBUG68 if layout == "intraface49" else DISFA66_FROM_IBUG68]
+
+
+def align_frame(image_bgr: np.ndarray, landmarks: np.ndarray, layout: str, size: int
+                ) -> tuple[np.ndarray, np.ndarray] | str:
+    """Preparation's per-image step: check the landmarks, then :func:`~aurecog.data.align.align_face`. Returns
+    (RGB crop S x S x 3, aligned landmarks) or the reason the landmarks are unusable. ``aurecog predict`` calls
+    this same function, so training and inference crops cannot drift apart."""
+    bad = check_landmarks(landmarks, layout)
+    if bad:
+        return bad
+    return align_face(image_bgr, landmarks, layout, size)
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -344,17 +414,15 @@ def _process_frames(frames: list[Frame], job: Job, settings: Settings, video: _V
             if lm is None:
                 report.append(note(fr.file, "no face detected", "no_landmarks"))
                 continue
-            if layout != "ibug68":
-                from aurecog.data.landmarks import DISFA66_FROM_IBUG68, INTRAFACE49_FROM_IBUG68
-                lm = lm[INTRAFACE49_FROM_IBUG68 if layout == "intraface49" else DISFA66_FROM_IBUG68]
+            lm = detector_landmarks(lm, layout)
         if lm is None:
             report.append(note(fr.file, problem or "no landmarks", "no_landmarks"))
             continue
-        bad = check_landmarks(lm, layout)
-        if bad:
-            report.append(note(fr.file, bad, "no_landmarks"))
+        aligned = align_frame(img, lm, layout, size)
+        if isinstance(aligned, str):
+            report.append(note(fr.file, aligned, "no_landmarks"))
             continue
-        crop, out_lm = align_face(img, lm, layout, size)
+        crop, out_lm = aligned
         images.append(crop)
         lms.append(out_lm)
         rows.append(fr.row)
@@ -460,10 +528,9 @@ def prepare_jobs(jobs: Sequence[Job], out: str | os.PathLike, *, layout: str, me
     if len(pending) < len(jobs):
         print(f"[prepare] resuming: {len(jobs) - len(pending)} of {len(jobs)} chunks already done in {work}")
     workers = default_workers() if not workers else int(workers)
-    global _DETECTOR
     if _DETECTOR is None and any(j.detector and any(f.landmarks is None and f.landmark_file is None
                                                     for f in j.frames) for j in pending):
-        _DETECTOR = _load_detector()  # fail fast, before any work, when the optional detector is missing
+        detect_faces(np.zeros((8, 8, 3), np.uint8))  # fail fast, before any work, when the detector is missing
     tasks = [(j, settings, str(work)) for j in pending]
     bar = _bar(len(jobs), progress, f"prepare {meta.get('name')}", initial=len(jobs) - len(pending))
     try:

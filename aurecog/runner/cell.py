@@ -298,6 +298,14 @@ def train_label_summary(dm) -> dict:
     return {"train_mean" if kind == "intensity" else "train_prevalence": out}
 
 
+def preprocessing(dm) -> dict:
+    """What inference must reproduce before the model's eval transform (``data.*`` of the config): the size and
+    landmark layout of the training crops and the alignment that made them (None for rendered SynthAU crops)."""
+    meta = dm.split_sources["train"].meta
+    return {"image_size": int(meta["image_size"]), "landmark_layout": dm.landmark_layout,
+            "alignment": meta.get("alignment")}
+
+
 def check_writable_folder(folder: Path) -> None:
     """Create ``folder`` and write a probe file in it, before any training (an unwritable results folder used to
     be discovered only after the test); PermissionError naming the folder and the fix otherwise."""
@@ -334,6 +342,7 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     dm = build_datamodule(cfg, fold, data_root, progress=progress)
     dm.setup("fit")
     model = build_model(cfg, dm.task_spec, dm.stats)
+    model.hparams["preprocessing"] = preprocessing(dm)  # stored in the checkpoint for `aurecog predict`
     ckpt_dir = checkpoint_path(run_dir).parent
     init_report = initialise(model, cfg, run_dir, fold, seed)
     if ckpt_dir.exists():

@@ -24,13 +24,14 @@ from pathlib import Path
 
 from aurecog.config import REPO_ROOT
 
-# Files whose content defines what a cell computes. Report-only modules (leaderboards, statistics, the bias
-# analysis, figures, the W&B dashboard, the command line, the study's questions) are left out: editing them cannot change a cell's numbers, and
+# Files whose content defines what a cell computes. Modules that do not change a cell's numbers (leaderboards,
+# statistics, the bias analysis, figures, the W&B dashboard, the command line, the study's questions, inference
+# on users' files: `aurecog predict`) are left out: editing them cannot change a cell's numbers, and
 # tests/test_identity.py checks that running a cell does not import them.
 CODE_GLOBS = ("aurecog/**/*.py", "configs/**/*.yaml")
 REPORT_ONLY = ("aurecog/cli.py", "aurecog/runner/leaderboard.py", "aurecog/runner/stats.py",
                "aurecog/runner/claims.py", "aurecog/runner/figures.py", "aurecog/runner/dashboard.py",
-               "aurecog/runner/bias.py", "configs/study.yaml")
+               "aurecog/runner/bias.py", "configs/study.yaml", "aurecog/predict.py")
 # config keys that say where/how a cell is launched, not what it computes
 NON_IDENTITY_KEYS = ("slurm",)
 LOCK_FILE = "requirements.lock"
