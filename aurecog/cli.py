@@ -1,4 +1,4 @@
-"""``aurecog`` command line: bench, study, leaderboard, evaluate, synth, prepare, predict, models, datasets."""
+"""``aurecog`` command line: bench, study, speed, leaderboard, evaluate, synth, prepare, predict, models, datasets."""
 
 from __future__ import annotations
 
@@ -121,6 +121,21 @@ def cmd_study(a) -> int:
             out = leaderboard.render(d, Path(a.results))
             print(f"{d}: {out[0] if out else 'no finished runs'}")
     return rc
+
+
+def cmd_speed(a) -> int:
+    """The execution setting each variant gets on this machine (measured once and cached, or again)."""
+    from aurecog.runner import grid, speed
+
+    cells = grid.expand(a.dataset, a.models, "0", "0", a.profile, None, Path(a.results), list(a.set))
+    print(f"machine: {speed.machine_key()}  (cache {speed.CACHE})")
+    for c in {c.model: c for c in cells}.values():
+        threads = grid.resolve_threads(c.config, a.jobs)
+        r = speed.resolve(c.config, threads, remeasure=a.remeasure)
+        rates = "  ".join(f"{k} {v:.0f}" for k, v in (r.get("rates") or {}).items())
+        print(f"{c.model:22s} -> precision {r['precision']}, channels_last {r['channels_last']}"
+              f"{'  (train img/s: ' + rates + ')' if rates else '  (explicit in the config)'}")
+    return 0
 
 
 def _check_devices(cells) -> None:
@@ -332,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", default=[], help="config override for every run (repeatable)")
     st.add_argument("--dry-run", action="store_true", help="print the bench commands only")
     st.set_defaults(fn=cmd_study)
+
+    sp = sub.add_parser("speed", help="the execution setting (precision, channels_last) each model gets on this "
+                                      "machine, measured once per machine and cached (cache/speed.json)")
+    sp.add_argument("--dataset", default="synth")
+    sp.add_argument("--models", default="default")
+    sp.add_argument("--profile", default=None)
+    sp.add_argument("--jobs", type=int, default=2, help="cells at once (sets the threads per cell measured)")
+    sp.add_argument("--results", default=str(REPO_ROOT / "results"))
+    sp.add_argument("--set", action="append", default=[])
+    sp.add_argument("--remeasure", action="store_true", help="measure again and replace the cached rates")
+    sp.set_defaults(fn=cmd_speed)
 
     lb = sub.add_parser("leaderboard", help="rebuild leaderboards from stored run folders (no training)")
     lb.add_argument("--dataset", default=None)

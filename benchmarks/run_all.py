@@ -27,35 +27,16 @@ sys.path.insert(0, str(ROOT))
 from aurecog import config as C  # noqa: E402
 from aurecog.models.backbones import no_pretrained  # noqa: E402
 from aurecog.models.complexity import FlopCounter  # noqa: E402
+from aurecog.models.probe import probe_batch, probe_stats  # noqa: E402
 from aurecog.models.registry import build_model  # noqa: E402
-from aurecog.tasks import TaskSpec, TrainStats  # noqa: E402
+from aurecog.tasks import TaskSpec  # noqa: E402
 
 BP4D_AUS = ["AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU14", "AU15", "AU17", "AU23", "AU24"]
 #: the papers' own complexity figures (AC2D paper Table 6: CISNet 22.4M / 4.8G, AC2D 3.6M / 9.6G "FLOPs")
 PAPER_TABLE6 = {"cisnet": ("22.4M", "4.8G"), "ac2d": ("3.6M", "9.6G")}
 
 
-def fake_stats(task: TaskSpec, n_conf: int = 27) -> TrainStats:
-    c = task.num_outputs
-    corr = torch.eye(c) * 0.5 + 0.5 * torch.ones(c, c) * 0.1
-    corr.fill_diagonal_(1.0)
-    return TrainStats(n_train=1000, label_rate=[0.3] * c, n_pos=[300] * c, n_neg=[700] * c,
-                      label_corr=corr.tolist(), subjects=[f"S{i}" for i in range(n_conf)],
-                      subject_counts=[10] * n_conf, confounder="subject",
-                      confounders=[f"S{i}" for i in range(n_conf)], confounder_counts=[10] * n_conf)
-
-
-def fake_batch(b: int, size: int, task: TaskSpec, device="cpu") -> dict:
-    c = task.num_outputs
-    g = torch.Generator().manual_seed(0)
-    lm = torch.rand(b, 68, 2, generator=g) * size * 0.6 + size * 0.2
-    target = (torch.rand(b, c, generator=g) < 0.3).float() if task.kind == "au" else torch.randint(0, c, (b,))
-    batch = {"image": torch.randn(b, 3, size, size, generator=g), "landmarks": lm, "target": target,
-             "au": target if task.kind == "au" else torch.zeros(b, 12), "subject": torch.zeros(b, dtype=torch.long),
-             "train_subject": torch.arange(b) % 27, "confounder": torch.arange(b) % 27,
-             "sample": torch.arange(b), "source": torch.zeros(b, dtype=torch.long),
-             "flipped": torch.zeros(b, dtype=torch.bool)}
-    return {k: v.to(device) for k, v in batch.items()}
+fake_stats, fake_batch = probe_stats, probe_batch  # aurecog/models/probe.py (shared with the runner)
 
 
 #: confounder strata per family in its paper's setting: CISNet's BP4D training subjects (2 of 3 folds of 41),

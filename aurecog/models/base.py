@@ -196,6 +196,22 @@ class AUModel(L.LightningModule):
     def on_train_start(self) -> None:
         self.val_metrics.reset()  # discard the sanity check's state
 
+    # ------------------------------------------------------------------ memory format (trainer.channels_last)
+    @property
+    def channels_last(self) -> bool:
+        """``trainer.channels_last`` (resolved by the runner; ``auto`` is chosen by measurement there): weights
+        and images in NHWC, which CPU and GPU convolution kernels run faster on for some models and machines."""
+        return (self.cfg.get("trainer") or {}).get("channels_last") is True
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.channels_last and isinstance(batch, dict) and getattr(batch.get("image"), "ndim", 0) == 4:
+            batch = {**batch, "image": batch["image"].contiguous(memory_format=torch.channels_last)}
+        return batch
+
     def set_validation_labels(self, keep: list[int]) -> None:
         """Model selection and early stopping on the labels ``keep`` only (RE-Net Table 6: the withheld AU
         must not select the checkpoint). Test metrics stay over every label."""

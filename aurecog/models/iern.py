@@ -454,6 +454,7 @@ class IERN(AUModel):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.mode in MANUAL_MODES and stage == "fit":
             from lightning.pytorch.strategies import DDPStrategy
 

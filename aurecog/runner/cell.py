@@ -33,6 +33,8 @@ import lightning as L
 import numpy as np
 import pandas as pd
 
+from aurecog import config as C
+
 log = logging.getLogger(__name__)
 
 FINISHED = "metrics.json"
@@ -336,6 +338,11 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     threads = (cfg.get("trainer") or {}).get("threads")
     if threads:
         torch.set_num_threads(int(threads))
+    from aurecog.runner import speed
+
+    if speed.wants_choice(cfg):  # called without the runner (which resolves it into the identity)
+        s = speed.resolve(cfg, int(threads or torch.get_num_threads()))
+        cfg = C.deep_merge(cfg, {"trainer": {"precision": s["precision"], "channels_last": s["channels_last"]}})
     L.seed_everything(seed, workers=True)
     torch.set_float32_matmul_precision("high")
     cfg = dict(cfg, fold=fold, seed=seed)

@@ -123,9 +123,9 @@ def parse_folds(spec: str | None, n: int) -> list[int]:
 
 
 # keys whose valid values are of several YAML types (Lightning accepts devices=2 or "auto", precision=32 or
-# "bf16-mixed", limit_*_batches as a count or a fraction)
+# "bf16-mixed", limit_*_batches as a count or a fraction, channels_last true/false or "auto")
 POLYMORPHIC_KEYS: dict[str, tuple[type, ...]] = {
-    "trainer.devices": (int, str, list), "trainer.precision": (str, int),
+    "trainer.devices": (int, str, list), "trainer.precision": (str, int), "trainer.channels_last": (bool, str),
     "trainer.limit_train_batches": (int, float), "trainer.gradient_clip_val": (int, float),
 }
 
@@ -295,9 +295,15 @@ def assign_identities(cells: list[Cell], jobs: int = 1, data_root: str | None = 
 
     code, lock, git = I.code_fingerprint(), I.lock_fingerprint(), I.git_state()
     data_cache: dict[str, str] = {}
+    from aurecog.runner import speed
+
     for c in cells:
         threads = resolve_threads(c.config, jobs)
         c.config = C.deep_merge(c.config, {"trainer": {"threads": threads}})
+        if speed.wants_choice(c.config):  # measured once per machine and variant (cache/speed.json)
+            s = speed.resolve(c.config, threads)
+            c.config = C.deep_merge(c.config, {"trainer": {"precision": s["precision"],
+                                                           "channels_last": s["channels_last"]}})
         dkey = json.dumps([c.config.get("dataset"), c.config.get("protocol"), c.config.get("data", {}).get(
             "synth_seed", 0)], default=str)
         if dkey not in data_cache:
