@@ -7,7 +7,8 @@ holds (paired subject-level bootstrap of the test F1 on the same folds) and the 
     python benchmarks/speed_settings.py [--out results/perf] [--models baseline,cisnet,...]
         [--compare FP32_RESULTS AUTO_RESULTS --dataset synth]
 
-Writes ``speed_settings.md``. The grid pair is made with
+Writes ``speed_settings.md`` (rates; also run by ``make perf``) or, with ``--compare``,
+``speed_settings_grid.md``. The grid pair is made with
 ``aurecog bench --results FP32_RESULTS --set trainer.precision=32-true --set trainer.channels_last=false`` and
 ``aurecog bench --results AUTO_RESULTS`` (the quick profile's ``auto``).
 """
@@ -162,13 +163,16 @@ def main() -> int:
     lines += [f"Machine key for the runner's choice: `{SP.machine_key()}`; a setting is chosen when it trains >= "
               f"{SP.MIN_GAIN}x faster than fp32 (aurecog/runner/speed.py; `aurecog speed` shows the cached choice).",
               ""]
-    lines += rates_table(models, not a.no_compile)
-    if a.compare:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.compare:  # the grid comparison only (its own file: `make perf` reruns the rates, not the grids)
         lines += compare(Path(a.compare[0]), Path(a.compare[1]), a.dataset, models)
-    out = Path(a.out) / "speed_settings.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print(out)
+        path = out / "speed_settings_grid.md"
+    else:
+        lines += rates_table(models, not a.no_compile)
+        path = out / "speed_settings.md"
+    path.write_text("\n".join(lines))
+    print(path)
     return 0
 
 
