@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from aurecog.config import REPO_ROOT
 from aurecog.data.prepared import PreparedWriter
 
 BP4D_AUS = ["AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU14", "AU15", "AU17", "AU23", "AU24"]
@@ -53,3 +57,16 @@ def dataset_config(name: str = "fake", protocol: dict | None = None, **extra) ->
            "protocols": {"p": protocol or {"type": "subject_kfold", "k": 3}}}
     cfg.update(extra)
     return cfg
+
+
+#: the tiny baseline cell of the runner tests (test_identity.py, conftest.py's baseline_fold0)
+TINY_BASELINE = ["--set", "trainer.max_epochs=1", "--set", "trainer.limit_train_batches=3", "--set",
+                 "data.eval_batch_size=256"]
+
+
+def bench_baseline(results: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``aurecog bench`` of the tiny baseline cell, fold 0, into ``results`` (no leaderboard)."""
+    cmd = [sys.executable, "-m", "aurecog.cli", "bench", "--dataset", "synth", "--models", "baseline", "--folds", "0",
+           "--results", str(results), "--no-leaderboard", *TINY_BASELINE, *extra]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
+                          text=True, timeout=timeout)

@@ -247,6 +247,23 @@ def test_eq14_weights_and_loss_match_hand_computation(tmp_path):
     assert math.isclose(float(got), sum(per_sample) / 2, rel_tol=1e-5)
 
 
+def test_loss_goes_through_the_base_supervised_loss(monkeypatch):
+    """Eq. 14's L_u and the expression/intensity cross-entropy are the base class's one supervised-loss path
+    (AUModel.supervised_loss with AC2D's w_j, v_j), not a loss of AC2D's own."""
+    from aurecog.models.base import AUModel
+
+    calls = []
+    monkeypatch.setattr(AUModel, "supervised_loss", lambda self, logits, target, **kw: calls.append(kw) or
+                        torch.tensor(7.0))
+    model = tiny_model("ac2d-bnet", names=["AU1", "AU2", "AU4"])
+    _, parts = model.compute_loss({"logits": torch.zeros(2, 3)}, {"target": torch.ones(2, 3)})
+    assert float(parts["loss_au"]) == 7.0 and set(calls[0]) == {"au_weight", "pos_coef"}
+    assert calls[0]["au_weight"] is model.au_weight and calls[0]["pos_coef"] is model.pos_weight
+    fer = tiny_model("ac2d-bnet", names=["anger", "joy"], kind="expression")
+    _, parts = fer.compute_loss({"logits": torch.zeros(2, 2)}, {"target": torch.tensor([0, 1])})
+    assert float(parts["loss_au"]) == 7.0 and calls[1] == {}
+
+
 # --------------------------------------------------------------------------- structure
 def _branch_params(model):
     for name, p in model.named_parameters():

@@ -171,6 +171,30 @@ def test_eq6_loss_matches_hand_computation():
                 continue
             terms.append(-((1 - mu[i]) * p * math.log(sig(x)) + mu[i] * (1 - p) * math.log(1 - sig(x))))
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    # loss.reduction: sum_au_mean_batch (Eq. 6 written per sample: summed over AUs, averaged over the batch)
+    model.loss_reduction = "sum_au_mean_batch"
+    loss, _ = model.compute_loss({"logits": logits}, {"target": target})
+    assert loss.item() == pytest.approx(sum(terms) / 2, rel=1e-5)
+
+
+def test_loss_goes_through_the_base_supervised_loss(monkeypatch):
+    """Eq. 6 and the expression cross-entropy are the base class's one supervised-loss path
+    (AUModel.supervised_loss with CISNet's coefficients), not a loss of CISNet's own."""
+    from aurecog.models.base import AUModel
+
+    stats = TrainStats(n_train=10, label_rate=[0.2, 0.5], n_pos=[2, 5], n_neg=[8, 5], label_corr=np.eye(2).tolist(),
+                       subjects=["a"], subject_counts=[10], confounders=["a"], confounder_counts=[10])
+    calls = []
+    monkeypatch.setattr(AUModel, "supervised_loss", lambda self, logits, target, **kw: calls.append(kw) or
+                        torch.tensor(7.0))
+    au = _quick_model(stats, TaskSpec("au", ["AU1", "AU2"]))
+    loss, _ = au.compute_loss({"logits": torch.zeros(2, 2)}, {"target": torch.ones(2, 2)})
+    assert float(loss) == 7.0 and set(calls[0]) == {"pos_coef", "neg_coef", "reduction"}
+    torch.testing.assert_close(calls[0]["pos_coef"], torch.tensor([0.8, 0.5]))
+    torch.testing.assert_close(calls[0]["neg_coef"], torch.tensor([0.2, 0.5]))
+    fer = _quick_model(stats, TaskSpec("expression", ["anger", "joy"]))
+    loss, _ = fer.compute_loss({"logits": torch.zeros(2, 2)}, {"target": torch.tensor([0, 1])})
+    assert float(loss) == 7.0 and calls[1] == {}
 
 
 @pytest.fixture(scope="module")

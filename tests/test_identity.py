@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import bench_baseline
 
 from aurecog.config import REPO_ROOT
 from aurecog.runner import grid
 from aurecog.runner import identity as I
 
-TINY = ["--set", "trainer.max_epochs=1", "--set", "trainer.limit_train_batches=3", "--set",
-        "data.eval_batch_size=256"]
-
-
-def _bench(results: Path, *extra: str, timeout: int = 600):
-    cmd = [sys.executable, "-m", "aurecog.cli", "bench", "--dataset", "synth", "--models", "baseline", "--folds", "0",
-           "--results", str(results), "--no-leaderboard", *TINY, *extra]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
-                          text=True, timeout=timeout)
+_bench = bench_baseline  # the tiny baseline cell, fold 0 (helpers.py)
 
 
 def _run(results: Path) -> Path:
@@ -136,10 +128,28 @@ def test_running_a_cell_does_not_import_the_report_only_modules():
     assert loaded and not (loaded & report), loaded & report
 
 
-def test_an_override_redoes_a_finished_cell_and_a_rerun_reuses_it(tmp_path):
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_runs(baseline_fold0, tmp_path_factory):
+    """The same baseline cell benched into two results folders, ``--jobs 1`` (the session's, conftest.py) and
+    ``--jobs 2``; shared read-only by the tests below (each bench trains a cell, so they are not repeated)."""
+    b = tmp_path_factory.mktemp("identity-runs") / "b"
+    rb = _bench(b, "--jobs", "2")
+    assert rb.returncode == 0, rb.stdout + rb.stderr
+    return baseline_fold0, b
+
+
+def test_an_override_redoes_a_finished_cell_and_a_rerun_reuses_it(tmp_path, two_runs):
+    """On a copy of a finished results folder: a rerun skips the cell, ``--keep-stale`` keeps it, a changed
+    override redoes it (never touching the original folder's checkpoint), a corrupt metrics.json is redone."""
+    import shutil
+
+    first = two_runs[0]
     res = tmp_path / "res"
-    r = _bench(res)
-    assert r.returncode == 0, r.stdout + r.stderr
+    shutil.copytree(first, res)
     m = json.loads((_run(res) / "metrics.json").read_text())
     assert m["identity"]["threads"] == 1 and m["identity"]["lock"] == I.lock_fingerprint()
     # training prevalence for the leaderboard's floors: from the fitted subjects' frames, recomputed here
@@ -156,11 +166,17 @@ def test_an_override_redoes_a_finished_cell_and_a_rerun_reuses_it(tmp_path):
     r = _bench(res, "--set", "trainer.limit_train_batches=2", "--keep-stale")
     assert "kept stale cell baseline fold 0 seed 0 (config)" in r.stderr, r.stderr
     assert json.loads((_run(res) / "metrics.json").read_text())["identity"] == m["identity"]
+    ck = _run(first) / "checkpoints" / "best.ckpt"
+    before = _sha(ck)
     r = _bench(res, "--set", "trainer.limit_train_batches=2")
     assert r.returncode == 0 and "redoing stale cell baseline fold 0 seed 0: config" in r.stderr, r.stderr
     m2 = json.loads((_run(res) / "metrics.json").read_text())
     assert m2["identity"]["row"] != m["identity"]["row"]
     assert json.loads((_run(res) / "config.json").read_text())["trainer"]["limit_train_batches"] == 2
+    # checkpoints stay in their results folder: the retrain into the copy left the original's untouched
+    assert (_run(res) / "checkpoints" / "best.ckpt").exists() and _sha(ck) == before
+    assert not (REPO_ROOT / "checkpoints" / "synth" / "baseline" / "0-0").exists() or \
+        (REPO_ROOT / "checkpoints" / "synth" / "baseline" / "0-0" / "best.ckpt").stat().st_mtime < ck.stat().st_mtime
     # a corrupt metrics.json is named and its cell redone
     (_run(res) / "metrics.json").write_text("{not json")
     r = _bench(res, "--set", "trainer.limit_train_batches=2")
@@ -168,29 +184,16 @@ def test_an_override_redoes_a_finished_cell_and_a_rerun_reuses_it(tmp_path):
     assert json.loads((_run(res) / "metrics.json").read_text())["identity"] == m2["identity"]
 
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def test_jobs_do_not_change_numbers_and_checkpoints_stay_in_their_results_folder(tmp_path):
+def test_jobs_do_not_change_numbers_and_checkpoints_stay_in_their_results_folder(two_runs):
     """Same identity -> bit-identical metrics and predictions with --jobs 1 and --jobs 2 (threads come from the
-    config); a retrain into another results folder never touches the first one's checkpoint."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    ra = _bench(a, "--jobs", "1")
-    rb = _bench(b, "--jobs", "2")
-    assert ra.returncode == 0 and rb.returncode == 0, ra.stderr + rb.stderr
+    config), each folder with its own checkpoint. (That a retrain into another results folder never touches the
+    first one's checkpoint is checked by the override test's redo, on its copy.)"""
+    a, b = two_runs
     ma, mb = (json.loads((_run(x) / "metrics.json").read_text()) for x in (a, b))
     assert ma["test"] == mb["test"] and ma["identity"] == mb["identity"]
     pa, pb = (pd.read_parquet(_run(x) / "predictions.parquet") for x in (a, b))
     pd.testing.assert_frame_equal(pa, pb, check_exact=True)
-    ck = _run(a) / "checkpoints" / "best.ckpt"
-    assert ck.exists() and (_run(b) / "checkpoints" / "best.ckpt").exists()
-    before = _sha(ck)
-    r = _bench(b, "--set", "trainer.limit_train_batches=1")
-    assert r.returncode == 0, r.stderr
-    assert _sha(ck) == before
-    assert not (REPO_ROOT / "checkpoints" / "synth" / "baseline" / "0-0").exists() or \
-        (REPO_ROOT / "checkpoints" / "synth" / "baseline" / "0-0" / "best.ckpt").stat().st_mtime < ck.stat().st_mtime
+    assert (_run(a) / "checkpoints" / "best.ckpt").exists() and (_run(b) / "checkpoints" / "best.ckpt").exists()
 
 
 def test_an_unwritable_results_folder_fails_before_training(tmp_path):

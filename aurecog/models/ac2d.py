@@ -92,7 +92,7 @@ from torch import Tensor, nn
 from aurecog.data.landmarks import N_POINTS, to_intraface49
 from aurecog.models.base import AUModel
 from aurecog.models.causal import FeatureBank, PrototypeAttention
-from aurecog.models.losses import ac2d_coefficients, masked_cross_entropy, weighted_bce
+from aurecog.models.losses import ac2d_coefficients
 from aurecog.models.registry import register_family
 
 log = logging.getLogger(__name__)
@@ -711,10 +711,8 @@ class AC2D(AUModel):
 
     def compute_loss(self, out: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         kind = self.task.kind
-        if kind == "au":
-            l_u = weighted_bce(out["logits"], batch["target"], au_weight=self.au_weight, pos_coef=self.pos_weight)
-        else:
-            l_u = masked_cross_entropy(out["logits"], batch["target"])
+        coefficients = {"au_weight": self.au_weight, "pos_coef": self.pos_weight} if kind == "au" else {}
+        l_u = self.supervised_loss(out["logits"], batch["target"], **coefficients)  # Eq. 14 (au) or the task's CE
         parts = {"loss_au": l_u}
         loss = l_u
         if self.att_mode != "none" and "attention" in out:

@@ -110,7 +110,8 @@ class AUModel(L.LightningModule):
         ``labels`` (k,): which task labels the last logit dimension holds (RE-Net's conditioned AUs; default
         all). ``kind`` overrides the task kind (``'au'``: binary one-vs-rest targets of an expression task).
         ``coefficients``: ``au_weight``/``pos_coef``/``neg_coef`` of a paper's weighted BCE (CISNet Eq. 6, AC2D
-        Eq. 14); without ``pos_coef`` the positives are weighted by :meth:`balanced_pos_weight` when configured."""
+        Eq. 14) and its ``reduction`` (:func:`aurecog.models.losses.weighted_bce`; CISNet's ``loss.reduction``);
+        without ``pos_coef`` the positives are weighted by :meth:`balanced_pos_weight` when configured."""
         kind = kind or self.task.kind
         if kind == "au" and "pos_coef" not in coefficients:
             pos = self.balanced_pos_weight(logits)

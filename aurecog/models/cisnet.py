@@ -65,7 +65,7 @@ from aurecog.models.backbones import create_backbone
 from aurecog.models.base import AUModel
 from aurecog.models.causal import FeatureBank, PrototypeAttention
 from aurecog.models.heads import TaskHead
-from aurecog.models.losses import cisnet_coefficients, masked_cross_entropy, weighted_bce
+from aurecog.models.losses import cisnet_coefficients
 from aurecog.models.registry import backbone_keys, register_family
 
 # Paper, Implementation Details: "In the first epoch, we stop the back-propagation step to initialize our
@@ -155,14 +155,13 @@ class CISNet(AUModel):
 
     # ------------------------------------------------------------------ loss (Eq. 6)
     def compute_loss(self, out: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eq. 6 (AU occurrence) or the task's cross-entropy, through the base class's :meth:`supervised_loss`."""
         logits, target = out["logits"], batch["target"]
-        if self.task.kind == "au":
-            pos = self.balanced_pos_weight(logits)  # only with loss.au_weighting: none (refused otherwise)
-            loss = weighted_bce(logits, target, pos_coef=self.pos_coef if pos is None else pos, neg_coef=self.neg_coef,
-                                reduction=self.loss_reduction)
-        else:
-            loss = masked_cross_entropy(logits, target)
-        return loss, {}
+        if self.task.kind != "au":
+            return self.supervised_loss(logits, target), {}
+        pos = self.balanced_pos_weight(logits)  # only with loss.au_weighting: none (refused otherwise)
+        return self.supervised_loss(logits, target, pos_coef=self.pos_coef if pos is None else pos,
+                                    neg_coef=self.neg_coef, reduction=self.loss_reduction), {}
 
     # ------------------------------------------------------------------ confounder dictionary
     def bank_only(self) -> bool:
