@@ -27,7 +27,7 @@ BENCH_ARGS := --dataset $(DATASET) --models $(MODELS) --folds $(FOLDS) --seeds $
 SYNTH_PRESETS := synth-bp4d synth-disfa synth-gft synth-bp4dplus synth-affwild2 synth-fermix
 PRESET_ARGS = --models $(MODELS) --folds $(FOLDS) --seeds $(SEEDS) --jobs $(JOBS) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
 
-.PHONY: bench presets test leaderboard perf prepare synth lint env lock clean-cache
+.PHONY: bench presets test leaderboard perf prepare synth pretrain lint env lock clean-cache
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,11 @@ prepare: $(STAMP)
 	@test -n "$(SRC)" || { echo "usage: make prepare DATASET=<name> SRC=<distribution folder> DATA_ROOT=<prepared root>"; exit 2; }
 	@test -n "$(DATA_ROOT)" || { echo "usage: make prepare DATASET=<name> SRC=<distribution folder> DATA_ROOT=<prepared root>"; exit 2; }
 	$(PY) -m aurecog.cli prepare $(DATASET) --src $(SRC) --out $(DATA_ROOT)/$(DATASET)
+
+# pretrain every quick trunk once on the synth-pretrain preset into pretrained/synthau/ (committed; the quick
+# profiles start from these files; configs/pretrain/synthau.yaml). E.g. `make pretrain ARGS="--trunks ac2d"`
+pretrain: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m aurecog.pretrain $(ARGS)
 
 synth: $(STAMP)
 	$(PY) -m aurecog.cli synth --preset $(DATASET) --sheet
