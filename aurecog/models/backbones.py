@@ -214,11 +214,12 @@ def missing_file_message(key: str, path: Path, name: str | None = None) -> str:
     except OSError:
         synth = False
     if synth:
-        return (f"{key}: {path} does not exist; run `make pretrain` (SynthAU trunk pretraining, about 15 min on one "
-                f"core) to write the quick profile's pretrained trunks, or set {key}=null to train from scratch")
+        return (f"{key}={str(path)!r} does not exist; run `make pretrain` (SynthAU trunk pretraining, "
+                f"aurecog/pretrain.py) to write the quick profile's pretrained trunks, or set {key}=null to train "
+                "from scratch")
     tv = TORCHVISION_FILES.get(name or "", ("<file>.pth",))[0]
-    return (f"{key}: {path} does not exist; point it at a {name or 'trunk'} state dict (an ImageNet one in "
-            f"torchvision or timm layout, e.g. {tv})")
+    return (f"{key}={str(path)!r} does not exist; point it at a {name or 'trunk'} ImageNet state dict (torchvision "
+            f"or timm layout, e.g. {tv})")
 
 
 def _find_local(name: str, tag: str) -> Path | None:
