@@ -27,7 +27,7 @@ BENCH_ARGS := --dataset $(DATASET) --models $(MODELS) --folds $(FOLDS) --seeds $
 SYNTH_PRESETS := synth-bp4d synth-disfa synth-gft synth-bp4dplus synth-affwild2 synth-fermix
 PRESET_ARGS = --models $(MODELS) --folds $(FOLDS) --seeds $(SEEDS) --jobs $(JOBS) $(if $(WANDB),--wandb $(WANDB)) $(ARGS)
 
-.PHONY: bench study presets test leaderboard perf prepare predict synth lint env lock clean-cache
+.PHONY: bench study presets test leaderboard perf prepare predict synth pretrain lint env lock clean-cache
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ prepare: $(STAMP)
 predict: $(STAMP)
 	@test -n "$(SRC)" -a -n "$(MODEL)" || { echo "usage: make predict SRC='<images, folders, videos>' MODEL=<run folder or .ckpt> [CSV=predictions.csv] [ARGS='--overlay DIR']"; exit 2; }
 	$(PY) -m aurecog.cli predict $(SRC) --model $(MODEL) --out $(or $(CSV),predictions.csv) $(ARGS)
+
+# pretrain every quick trunk once on the synth-pretrain preset into pretrained/synthau/ (committed; the quick
+# profiles start from these files; configs/pretrain/synthau.yaml). E.g. `make pretrain ARGS="--trunks ac2d"`
+pretrain: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m aurecog.pretrain $(ARGS)
 
 synth: $(STAMP)
 	$(PY) -m aurecog.cli synth --preset $(DATASET) --sheet

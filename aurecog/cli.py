@@ -423,12 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
     pd_.add_argument("--no-progress", action="store_true", help="no progress bar")
     pd_.set_defaults(fn=cmd_predict)
 
+    sub.add_parser("pretrain", add_help=False, help="pretrain the quick trunks on SynthAU once (make pretrain; "
+                   "aurecog/pretrain.py, `aurecog pretrain --help` for its options)")
     sub.add_parser("models", help="list registered model variants and groups").set_defaults(fn=cmd_models)
     sub.add_parser("datasets", help="list dataset configs").set_defaults(fn=cmd_datasets)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:  # its own parser (aurecog/pretrain.py)
+        from aurecog.pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

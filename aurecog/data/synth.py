@@ -81,6 +81,8 @@ DISFA_AUS = (1, 2, 4, 6, 9, 12, 25, 26)
 DISFA_INTENSITY_AUS = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)
 GFT_AUS = (1, 2, 4, 6, 10, 12, 14, 15, 23, 24)
 AFFWILD2_AUS = (1, 2, 4, 6, 7, 10, 12, 15, 23, 24, 25, 26)
+#: every AU an occurrence preset stores (BP4D, DISFA, GFT, Aff-Wild2): the labels of ``synth-pretrain``
+UNION_AUS = tuple(sorted(set(BP4D_AUS) | set(DISFA_AUS) | set(GFT_AUS) | set(AFFWILD2_AUS)))
 
 EXPRESSIONS = ("neutral", "happiness", "sadness", "surprise", "fear", "anger", "disgust", "contempt")
 FER_EXPRESSIONS = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
@@ -915,6 +917,7 @@ class Preset:
     clutter: bool = False  # cluttered, varied backgrounds
     official_split: bool = False  # add a ``split`` column (train/validation by subject)
     fer_sources: tuple[FerSource, ...] = ()  # non-empty: a posed expression-recognition mix (synth-fermix)
+    habits: bool = True  # False: every subject shows the universal AUs (no habit group's adds/suppresses)
 
     @property
     def label_aus(self) -> tuple[int, ...]:
@@ -950,6 +953,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                          apex="middle"),
                FerSource("oulu", "oulu_P", 1.2, blur=1.7),
            )),
+    # Trunk pretraining (aurecog/pretrain.py; the role ImageNet plays in the papers), never a benchmark. Its
+    # subjects are disjoint from every preset's: all random draws are keyed by the preset name (_rng), so no
+    # identity, session or frame parameter is shared (tests/test_pretrain.py checks it against every preset).
+    # No habits: the trunk learns what each AU looks like, not the subject -> habit shortcuts (and contrarian
+    # habits) that the benchmarks' deconfounding question is about. Labels: the union of the AU presets' AUs.
+    Preset("synth-pretrain", "trunk pretraining: 90 habit-free subjects x 3 sessions, 64 px, the 15 AUs of the AU "
+           "presets (disjoint identities)", aus=UNION_AUS, n_subjects=90, subject_prefix="X", habits=False),
 )}
 
 
@@ -1144,8 +1154,9 @@ def _plan(pre: Preset, seed: int) -> list[_Session]:
                 n = int(rng.integers(pre.frames_per_session[0], pre.frames_per_session[1] + 1))
                 universal, expr = _video_labels(rng, n)
                 params = _frame_params(_rng(pre.name, seed, *key, 2, k), n, pre, None)
+                shown = apply_habits(universal, HABIT_GROUPS[group]) if pre.habits else universal.copy()
                 sessions.append(_Session(pre.name, subject, f"T{k + 1}", i, group, ident, np.arange(n), universal,
-                                         apply_habits(universal, HABIT_GROUPS[group]), expr, params, (*key, 3, k)))
+                                         shown, expr, params, (*key, 3, k)))
     return sessions
 
 
@@ -1220,6 +1231,8 @@ def _meta(pre: Preset, seed: int, sessions: list[_Session], overrides: dict[str,
     habits = {}
     for s in sessions:
         g = HABIT_GROUPS[s.group]
+        if not pre.habits:  # the group only picked the look
+            g = HabitGroup("none", g.family)
         habits[s.subject] = {"adds": {au_name(t): [au_name(a) for a in added] for t, added in g.adds},
                              "suppresses": [au_name(a) for a in g.suppresses], "group": s.group,
                              "group_name": g.name, "contrarian": g.contrarian, "appearance_family": g.family}

@@ -90,6 +90,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from aurecog.data.landmarks import N_POINTS, to_intraface49
+from aurecog.models.backbones import PretrainedUnavailable, loading_skipped, missing_file_message, resolve_file
 from aurecog.models.base import AUModel
 from aurecog.models.causal import FeatureBank, PrototypeAttention
 from aurecog.models.losses import ac2d_coefficients
@@ -477,6 +478,44 @@ class AC2DNet(nn.Module):
         return f, h, extra
 
 
+def load_pretrained_net(net: AC2DNet, path) -> None:
+    """Initialise ``net`` (m branches) from a single-branch :class:`AC2DNet` state dict (``m = 1``; written by
+    :mod:`aurecog.pretrain`, which trains one stage-3 branch for all AUs of ``synth-pretrain``).
+
+    The stem and stages 1-2 are copied; every AU branch (stage-3 patch embedding, stage 3, final norm) starts as
+    a copy of the one pretrained branch: its tensors are branch-major along dim 0 (batched linears and norms
+    ``(m, ...)``, grouped convolutions ``(m * c, ...)``), so the branch's block is tiled m times. Why one branch
+    for all: it works for any label set (12 BP4D AUs, 8 DISFA AUs, expressions), and the per-AU specialisation
+    the paper's branches are for is then learnt in fine-tuning from a shared, already useful start. Every tensor
+    of ``net`` must come from the file (same names, per-branch shapes), and nothing may be left over."""
+    from aurecog.models.backbones import read_state_dict
+
+    sd = read_state_dict(path)
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    out, shape = {}, []
+    for k, t in own.items():
+        if k not in sd:
+            continue
+        s = sd[k]
+        if any(k.startswith(p[len("net."):]) for p in AC2D.BRANCH_PREFIXES if p.startswith("net.")) and t.ndim:
+            if s.shape[0] * net.m != t.shape[0] or s.shape[1:] != t.shape[1:]:
+                shape.append(k)
+                continue
+            s = s.repeat(net.m, *([1] * (s.ndim - 1)))
+        elif s.shape != t.shape:
+            shape.append(k)
+            continue
+        out[k] = s.to(t.dtype)
+    if missing or unexpected or shape:
+        raise ValueError(f"{path}: does not fit the AC2D network ({len(missing)} missing, e.g. {missing[:3]}; "
+                         f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(shape)} of another shape, e.g. "
+                         f"{shape[:3]}); ac2d.pretrained_file must be a one-branch AC2DNet state dict of the same "
+                         "width/depths/heads (make pretrain)")
+    net.load_state_dict(out)
+
+
 def _init_conv_bn(mod: nn.Module) -> None:
     if isinstance(mod, nn.Conv2d):
         trunc_normal_(mod.weight, std=INIT_STD)
@@ -515,7 +554,8 @@ class AC2D(AUModel):
     config_keys = (AUModel.config_keys - {"loss.pos_weight"}) | {
         f"ac2d.{k}" for k in ("width", "depths", "heads", "sr_ratios", "mlp_ratio", "drop_path", "first_stride",
                               "attention.mode", "attention.lambda", "attention.sigma", "attention.center",
-                              "attention.expression_prior", "causal.mode", "causal.value", "causal.detach_prototype")}
+                              "attention.expression_prior", "causal.mode", "causal.value", "causal.detach_prototype",
+                              "pretrained_file")}
 
     def __init__(self, task, stats, cfg):
         super().__init__(task, stats, cfg)
@@ -525,6 +565,12 @@ class AC2D(AUModel):
         self.net = AC2DNet(m, self.width, tuple(a.get("depths", (1, 6, 3))), tuple(a.get("heads", (1, 2, 4))),
                            tuple(a.get("sr_ratios", (4, 2, 1))), int(a.get("mlp_ratio", 4)),
                            float(a.get("drop_path", 0.1)), int(a.get("first_stride", 1)))
+        if a.get("pretrained_file") and not loading_skipped():
+            path = resolve_file(a["pretrained_file"])
+            if not path.is_file():
+                raise PretrainedUnavailable(missing_file_message("ac2d.pretrained_file", path))
+            load_pretrained_net(self.net, path)
+            log.info("AC2D trunk and branches initialised from %s", path)
         att = a.get("attention", {}) or {}
         self.att_mode = att.get("mode", "avg")
         if self.att_mode not in ATTENTION_MODES:

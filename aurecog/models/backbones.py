@@ -10,6 +10,13 @@ its classifier (pooled features) and the feature width. The ``backbone`` section
 * ``pretrained_file``: a local state dict (``.pth``/``.pt``/``.bin``/``.safetensors``) used instead of the hub. It may
   be in timm's, torchvision's (``resnet34-b627a593.pth``) or the CISNet authors' ``Sequential(*children()[:-1])``
   layout (:func:`to_timm_resnet_keys`); the classifier is dropped; every other tensor must match by name and shape.
+  ``{name}`` in the path is replaced by ``backbone.name`` (so one quick-profile entry serves the variants that change
+  the trunk, e.g. CISNet's ResNet-18/34/50 rows); a relative path is relative to the repository root. The quick
+  profiles point it at the SynthAU-pretrained trunks of ``pretrained/synthau/`` (:mod:`aurecog.pretrain`,
+  ``make pretrain``).
+
+Every ``*pretrained_file`` key of a cell config (:func:`pretrained_files`; also ``ac2d.pretrained_file``) names
+weights whose sha256 is part of the cell's identity (:mod:`aurecog.runner.identity`).
 
 Where the weights come from (:func:`resolve_pretrained`), first match wins:
 
@@ -33,6 +40,7 @@ Loading a trained checkpoint (:meth:`aurecog.models.base.AUModel.load_from_check
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -43,6 +51,8 @@ import timm
 import torch
 from timm.models.resnet import ResNet
 from torch import nn
+
+from aurecog.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,8 @@ TORCHVISION_FILES = {
 #: CISNet authors' trunk ``nn.Sequential(*resnet.children()[:-1])``: child index -> torchvision/timm name.
 SEQUENTIAL_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 CLASSIFIER_PREFIXES = ("fc.", "head.fc.", "classifier.")
+#: where ``make pretrain`` writes the SynthAU-pretrained trunks (aurecog/pretrain.py)
+SYNTH_PRETRAINED_DIR = "pretrained/synthau"
 
 _SKIP_PRETRAINED: ContextVar[bool] = ContextVar("aurecog_skip_pretrained", default=False)
 
@@ -77,6 +89,11 @@ def no_pretrained():
         yield
     finally:
         _SKIP_PRETRAINED.reset(token)
+
+
+def loading_skipped() -> bool:
+    """True inside :func:`no_pretrained` (the weights come from a checkpoint): builders skip their weight files."""
+    return _SKIP_PRETRAINED.get()
 
 
 def create_backbone(name: str = "resnet18", pretrained: bool = False, pretrained_file: str | None = None,
@@ -111,6 +128,9 @@ def check_pretrained(cfg: dict) -> None:
     """Raise :class:`PretrainedUnavailable` (one line naming the options) unless the ImageNet weights a resolved
     cell config asks for can be loaded; fetch them into the hub cache when only the hub has them. Fast and
     offline-safe: no network access unless nothing local exists, then one bounded probe."""
+    for key, path in pretrained_files(cfg).items():  # every local weights file (backbone and others) exists
+        if not path.is_file():
+            raise PretrainedUnavailable(missing_file_message(key, path))
     b = cfg.get("backbone") or {}
     if not wants_pretrained(b):
         return
@@ -126,11 +146,9 @@ def resolve_pretrained(name: str, pretrained_file: str | None = None, tag: str |
     ``probe=False`` skips the network probe (inside a cell, after :func:`check_pretrained` has run)."""
     tag = tag or DEFAULT_TAG
     if pretrained_file:
-        path = Path(os.path.expandvars(os.path.expanduser(str(pretrained_file))))
+        path = resolve_file(pretrained_file, name)
         if not path.is_file():
-            raise PretrainedUnavailable(
-                f"backbone.pretrained_file={pretrained_file!r} does not exist; point it at a {name} ImageNet state "
-                f"dict (torchvision or timm layout, e.g. {TORCHVISION_FILES.get(name, ('<file>.pth',))[0]})")
+            raise PretrainedUnavailable(missing_file_message("backbone.pretrained_file", path, name))
         return path
     local = _find_local(name, tag)
     if local is not None:
@@ -149,6 +167,59 @@ def resolve_pretrained(name: str, pretrained_file: str | None = None, tag: str |
         f"backbone {name}: ImageNet weights (backbone.pretrained: true, timm '{hub_name}') are not cached and "
         f"{reason}; set backbone.pretrained_file=PATH (e.g. torchvision's {tv}), or put the file in ${ENV_DIR}, or "
         "set backbone.pretrained=false to train from scratch")
+
+
+def resolve_file(value: str | os.PathLike, name: str | None = None) -> Path:
+    """A ``pretrained_file`` value as a path: ``~`` and ``$VARS`` expanded, ``{name}`` -> ``name`` (the backbone's
+    timm name), relative paths taken from the repository root (cells run from any directory)."""
+    text = os.path.expandvars(os.path.expanduser(str(value)))
+    if "{name}" in text:
+        if not name:
+            raise ValueError(f"pretrained_file={value!r} uses {{name}} but the section has no name")
+        text = text.replace("{name}", str(name))
+    path = Path(text)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def pretrained_files(cfg: dict) -> dict[str, Path]:
+    """Every local weights file a resolved cell config initialises from: dotted key -> path, for each non-empty
+    key named ``pretrained_file`` (``backbone.pretrained_file``, ``ac2d.pretrained_file``, ...), with
+    :func:`resolve_file` applied (``{name}`` from the same section's ``name``)."""
+    out: dict[str, Path] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif k == "pretrained_file" and v:
+                out[f"{prefix}{k}"] = resolve_file(v, d.get("name"))
+
+    walk({k: v for k, v in cfg.items() if k != "slurm"}, "")
+    return out
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def missing_file_message(key: str, path: Path, name: str | None = None) -> str:
+    """One line for a weights file that does not exist: ``make pretrain`` for the SynthAU trunks, else the
+    ImageNet file to point the key at."""
+    try:
+        synth = path.resolve().is_relative_to((REPO_ROOT / SYNTH_PRETRAINED_DIR).resolve())
+    except OSError:
+        synth = False
+    if synth:
+        return (f"{key}={str(path)!r} does not exist; run `make pretrain` (SynthAU trunk pretraining, "
+                f"aurecog/pretrain.py) to write the quick profile's pretrained trunks, or set {key}=null to train "
+                "from scratch")
+    tv = TORCHVISION_FILES.get(name or "", ("<file>.pth",))[0]
+    return (f"{key}={str(path)!r} does not exist; point it at a {name or 'trunk'} ImageNet state dict (torchvision "
+            f"or timm layout, e.g. {tv})")
 
 
 def _find_local(name: str, tag: str) -> Path | None:

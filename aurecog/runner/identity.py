@@ -10,7 +10,10 @@ A cell's identity is a hash of
 * ``lock``: the hash of ``requirements.lock`` (the pinned environment), plus the torch build actually imported;
 * ``data``: the data version: SynthAU generator version + preset + seed, or a prepared dataset's fingerprint;
 * ``execution``: every setting that changes numbers and is not in the config: torch threads per cell (resolved,
-  never "auto") and the device kind the cell runs on.
+  never "auto") and the device kind the cell runs on;
+* ``weights``: the sha256 of every local weights file the config initialises from (each ``*pretrained_file`` key,
+  e.g. the SynthAU-pretrained trunks of the quick profile, :func:`aurecog.models.backbones.pretrained_files`): the
+  config names the file, this hashes what is in it, so re-running ``make pretrain`` makes the cells stale.
 
 ``row`` is the same hash without fold and seed: a leaderboard row is made of cells of one ``row`` identity.
 """
@@ -31,7 +34,9 @@ from aurecog.config import REPO_ROOT
 CODE_GLOBS = ("aurecog/**/*.py", "configs/**/*.yaml")
 REPORT_ONLY = ("aurecog/cli.py", "aurecog/runner/leaderboard.py", "aurecog/runner/stats.py",
                "aurecog/runner/claims.py", "aurecog/runner/figures.py", "aurecog/runner/dashboard.py",
-               "aurecog/runner/bias.py", "configs/study.yaml", "aurecog/predict.py")
+               "aurecog/runner/bias.py", "configs/study.yaml", "aurecog/predict.py",
+               # trunk pretraining: a cell reads its output (the weights file, hashed into the identity), not it
+               "aurecog/pretrain.py", "configs/pretrain/synthau.yaml")
 # config keys that say where/how a cell is launched, not what it computes
 NON_IDENTITY_KEYS = ("slurm",)
 LOCK_FILE = "requirements.lock"
@@ -63,13 +68,13 @@ def lock_fingerprint(root: Path = REPO_ROOT) -> str:
 
 def git_state(root: Path = REPO_ROOT) -> dict:
     """``{"revision": full sha or "unknown", "dirty": bool}``; dirty = a tracked file differs from HEAD or an
-    untracked, not ignored file exists under the code folders."""
+    untracked, not ignored file exists under the code folders or pretrained/ (the quick trunks' weights)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
 
     try:
         rev = git("rev-parse", "HEAD")
-        status = git("status", "--porcelain", "--", "aurecog", "configs", LOCK_FILE, "pyproject.toml")
+        status = git("status", "--porcelain", "--", "aurecog", "configs", "pretrained", LOCK_FILE, "pyproject.toml")
     except (OSError, subprocess.SubprocessError):
         return {"revision": "unknown", "dirty": True}
     return {"revision": rev or "unknown", "dirty": bool(status) or not rev}
@@ -116,6 +121,13 @@ def prepared_fingerprint(ds_cfg: dict, data_root: str | None) -> str:
     return "nomanifest-" + h.hexdigest()[:12]
 
 
+def weights_fingerprints(cfg: dict) -> dict[str, str]:
+    """Dotted config key -> sha256 of the weights file it names ("missing" when the file does not exist)."""
+    from aurecog.models.backbones import file_sha256, pretrained_files
+
+    return {k: file_sha256(p) if p.is_file() else "missing" for k, p in sorted(pretrained_files(cfg).items())}
+
+
 def device_kind(cfg: dict) -> str:
     import torch
 
@@ -136,10 +148,13 @@ def cell_identity(cfg: dict, fold: int, seed: int, *, threads: int, code: str, l
 
     config = {k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}
     execution = {"threads": int(threads), "device": device_kind(cfg), "torch": torch.__version__}
+    weights = weights_fingerprints(cfg)
     row_parts = {"config": config, "code": code, "lock": lock, "data": data, "execution": execution}
+    if weights:  # only cells that load a file: the identities of every other cell stay as they were
+        row_parts["weights"] = weights
     row = _hash(row_parts)
     return {"row": row, "cell": _hash({"row": row, "fold": int(fold), "seed": int(seed)}), "code": code,
-            "lock": lock, "data": data, "revision": git["revision"], "dirty": bool(git["dirty"]),
+            "lock": lock, "data": data, "weights": weights, "revision": git["revision"], "dirty": bool(git["dirty"]),
             "threads": int(threads), "device": execution["device"], "torch": execution["torch"],
             "precision": str((cfg.get("trainer") or {}).get("precision"))}
 
@@ -148,7 +163,8 @@ def describe_mismatch(old: dict | None, new: dict) -> str:
     """Which part of an identity changed, for the runner's 'redoing stale cell' line."""
     if not old:
         return "no identity recorded (made before identities existed)"
-    parts = [k for k in ("code", "lock", "data", "threads", "device", "torch", "precision") if old.get(k) != new.get(k)]
+    parts = [k for k in ("code", "lock", "data", "weights", "threads", "device", "torch", "precision")
+             if old.get(k, {} if k == "weights" else None) != new.get(k, {} if k == "weights" else None)]
     if old.get("row") != new.get("row") and not parts:
         parts = ["config"]
     return ", ".join(f"{k} {old.get(k)!s:.16} -> {new.get(k)!s:.16}" if k != "config" else "config" for k in parts)
