@@ -84,3 +84,14 @@ def test_channels_last_model_keeps_its_numbers():
     moved = model.on_after_batch_transfer(batch, 0)
     assert moved["image"].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(model(moved)["logits"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_and_its_ablations_share_the_setting_of_the_papers_main_model(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(SP, "_measure", lambda cfg, threads, **kw: seen.append(cfg["model"]["name"]) or dict(RATES))
+    assert SP.reference_variant("renet-baseline") == "renet" and SP.reference_variant("ac2d-ae") == "ac2d"
+    assert SP.reference_variant("baseline") == "baseline"
+    cache = tmp_path / "speed.json"
+    for v in ("renet-baseline", "renet-identity", "renet"):
+        SP.resolve(C.resolve(v, "synth", "quick"), 1, cache=cache)
+    assert seen == ["renet"]  # measured once, on the main model, at the same size and batch

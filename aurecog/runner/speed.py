@@ -1,20 +1,21 @@
 """The execution setting of a cell, chosen by measurement on this machine (``trainer.precision: auto`` and
 ``trainer.channels_last: auto``, the quick profile's default).
 
-Which setting is fastest depends on the machine and the model: on one 2-core AMD EPYC with avx512_bf16 (no AMX)
-bf16 autocast with channels_last trained the quick baseline ~2.7x faster than fp32 and AC2D's transformer 0.7x
-(results/perf/speed_settings.md); on an Intel Xeon with AMX the issue measured 1.7x and 0.6x. So nothing is
-hard-coded: before the cells start, the runner times a training step of each variant's model (its input size,
-batch, threads) under each candidate of :data:`aurecog.models.probe.SETTINGS` and takes the fastest, if it beats
-fp32 by at least :data:`MIN_GAIN`; otherwise fp32. The measurement is stored per machine (CPU model or GPU
+Which setting is fastest depends on the machine and the model: on one 2-core AMD EPYC with avx512_bf16 (no AMX) bf16
+autocast with channels_last trained the quick baseline ~2.2x faster than fp32 and AC2D's transformer 0.65x
+(results/perf/speed_settings.md); on an Intel Xeon with AMX the issue measured 1.7x and 0.6x. So nothing is hard-
+coded: before the cells start, the runner times a training step of each paper's main model (at the cell's input
+size, batch and threads; every ablation of a paper gets its main model's setting, so a model and its ablations are
+compared under one setting) under each candidate of :data:`aurecog.models.probe.SETTINGS` and takes the fastest, if
+it beats fp32 by at least :data:`MIN_GAIN`; otherwise fp32. The measurement is stored per machine (CPU model or GPU
 name, core count, torch build) in ``cache/speed.json`` and reused, so a machine always makes the same choice and
 cells keep their identity; ``aurecog speed --remeasure`` measures again. The chosen setting is resolved into the
 cell's config (``trainer.precision``, ``trainer.channels_last``) and so into its identity, like threads.
 
 Whether accuracy holds under bf16 was measured (fp32 vs bf16 + channels_last cells, paired bootstrap on the same
-folds: results/perf/speed_settings.md); a family whose accuracy did not hold sets ``trainer.precision:
-32-true`` in its quick profile, and explicit settings are never overridden. torch.compile is not a candidate:
-compiling costs more per cell process than a quick cell trains (measured in the same table).
+folds: results/perf/speed_settings_grid.md); a family whose accuracy did not hold sets ``trainer.precision: 32-true`` in
+its quick profile, and explicit settings are never overridden. torch.compile is not a candidate: compiling costs
+more per cell process than a quick cell trains (measured in the same table).
 """
 
 from __future__ import annotations
@@ -89,6 +90,32 @@ def _measure(cfg: dict, threads: int, steps: int = 4, warmup: int = 2) -> dict[s
         torch.set_num_threads(before)
 
 
+def reference_variant(name: str) -> str:
+    """The variant whose measurement sets ``name``'s execution setting: the main model of the paper file that
+    registers it (a model and its ablations share one setting, so their comparison stays controlled), else
+    itself."""
+    from aurecog import config as C
+
+    variants = C.model_variants()
+    v = variants.get(name)
+    if v is None:
+        return name
+    mains = [n for n, x in variants.items() if x["file"] == v["file"] and x["main"]]
+    return mains[0] if mains else name
+
+
+def _probe_config(cfg: dict) -> dict:
+    """``cfg`` with the model of its :func:`reference_variant` (same data size, batch and trainer)."""
+    from aurecog import config as C
+
+    ref = reference_variant(cfg["model"]["name"])
+    if ref == cfg["model"]["name"] or "dataset" not in cfg or "profile" not in cfg:
+        return cfg
+    base = C.resolve(ref, cfg["dataset"], cfg["profile"])
+    return C.deep_merge(base, {"data": {k: cfg["data"][k] for k in ("input_size", "batch_size")},
+                               "trainer": cfg.get("trainer") or {}})
+
+
 def _key(cfg: dict, threads: int) -> str:
     d = cfg["data"]
     return f"{cfg['model']['name']}|{d['input_size']}|{d['batch_size']}|threads {threads}"
@@ -121,6 +148,7 @@ def resolve(cfg: dict, threads: int, remeasure: bool = False, cache: Path | None
                          "use 32-true, bf16-mixed or auto")
     if precision != AUTO and cl != AUTO:
         return {"precision": precision, "channels_last": bool(cl)}
+    cfg = _probe_config(cfg)
     cache = Path(cache or CACHE)
     cache.parent.mkdir(parents=True, exist_ok=True)
     mk, key = machine_key(), _key(cfg, threads)
