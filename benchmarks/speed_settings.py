@@ -62,7 +62,8 @@ def compiled_rate(model, batch, steps: int = 4) -> tuple[float, float]:
     return first, steps * batch["image"].shape[0] / (time.perf_counter() - t)
 
 
-def rates_table(models: list[str], compile_too: bool) -> list[str]:
+def rates_table(models: list[str], compile_models: set[str]) -> list[str]:
+    compile_too = bool(compile_models)
     lines = ["## Training rate per setting (quick size, images/s, one step = forward + backward + SGD)", "",
              "| model | threads | " + " | ".join(SETTINGS) + (" | bf16-cl + compile (compile s) |" if compile_too
                                                               else " |") + " runner's choice |",
@@ -76,7 +77,7 @@ def rates_table(models: list[str], compile_too: bool) -> list[str]:
                 batch = probe_batch(int(cfg["data"]["batch_size"]), size, task)
                 row[name] = train_step_rate(model, batch, precision, cl, steps=5, warmup=2)
             comp = ""
-            if compile_too and threads == 1:
+            if m in compile_models and threads == 1:
                 model, cfg, task, size = build(m, "quick")
                 try:
                     first, rate = compiled_rate(model, probe_batch(int(cfg["data"]["batch_size"]), size, task))
@@ -154,7 +155,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "results" / "perf"))
     ap.add_argument("--models", default=",".join(MAIN))
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-models", default="baseline",
+                    help="models also timed under torch.compile (compiling is slow on a CPU; empty: none)")
     ap.add_argument("--compare", nargs=2, metavar=("FP32_RESULTS", "AUTO_RESULTS"))
     ap.add_argument("--dataset", default="synth")
     a = ap.parse_args()
@@ -169,7 +171,7 @@ def main() -> int:
         lines += compare(Path(a.compare[0]), Path(a.compare[1]), a.dataset, models)
         path = out / "speed_settings_grid.md"
     else:
-        lines += rates_table(models, not a.no_compile)
+        lines += rates_table(models, set(filter(None, a.compile_models.split(","))))
         path = out / "speed_settings.md"
     path.write_text("\n".join(lines))
     print(path)
