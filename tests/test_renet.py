@@ -24,7 +24,8 @@ from aurecog.models.renet import (
 from aurecog.tasks import TaskSpec, TrainStats
 
 AUS = ["AU1", "AU2", "AU4", "AU6", "AU12", "AU23"]
-TINY = {"backbone": {"name": "resnet18", "channels": [8, 8, 8, 8]}}
+# width 8: not the SynthAU-pretrained trunk of the quick profile (width 16), so from scratch
+TINY = {"backbone": {"name": "resnet18", "channels": [8, 8, 8, 8], "pretrained_file": None}}
 
 
 def _corr(c: int, seed: int = 0) -> np.ndarray:

@@ -496,8 +496,9 @@ def evaluate_checkpoint(ckpt: str | Path, out_json: str | Path, devices: int = 1
     cfg = hp["cfg"]
     model = family_class(cfg["model"]["family"]).load_from_checkpoint(ckpt, map_location="cpu")
     dm = build_datamodule(cfg, int(cfg.get("fold", 0)), data_root, progress=False)
+    precision = (cfg.get("trainer") or {}).get("precision", "32-true")  # as the cell tested (bf16: autocast)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, enable_checkpointing=False)
     trainer.test(model, datamodule=dm, verbose=False)
     if trainer.global_rank != 0:
