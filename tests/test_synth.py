@@ -251,7 +251,7 @@ def test_habits_in_meta_agree_with_labels():
 def test_habit_active_flags_only_frames_a_habit_can_change():
     """For add-only habit groups, a frame's labels can only change while a trigger AU is present."""
     idx, meta = synth.label_table("synth")
-    n_flagged = 0
+    n_flagged, per_group = 0, {}
     for subject, h in meta["habits"].items():
         if h["suppresses"]:
             continue
@@ -259,8 +259,13 @@ def test_habit_active_flags_only_frames_a_habit_can_change():
         triggered = (rows[list(h["adds"])] == 1).any(axis=1)
         assert not (rows["habit_active"] & ~triggered).any(), subject
         n_flagged += rows["habit_active"].sum()
-        # and a trigger does change labels in most frames (the added AUs are rarely present on their own)
-        assert rows.loc[triggered, "habit_active"].mean() > 0.5, subject
+        g = per_group.setdefault(h["group_name"], [0, 0])
+        g[0], g[1] = g[0] + int(rows.loc[triggered, "habit_active"].sum()), g[1] + int(triggered.sum())
+    # and a trigger does change labels in most frames (the added AUs are rarely present on their own); pooled
+    # over a group's subjects: a 2 x 35-frame subject may see only a few triggers, all inside episodes that
+    # already show the added AUs
+    for name, (changed, triggered) in per_group.items():
+        assert triggered > 100 and changed / triggered > 0.5, (name, changed, triggered)
     assert n_flagged > 100
 
 

@@ -10,7 +10,8 @@ Generative story, per preset (see :data:`PRESETS`):
 
 1. **Subjects.** Subject ``i`` (names sort in generation order) gets a *habit group* (:data:`HABIT_GROUPS`)
    from its position in the downstream 3-fold split (fold ``i % 3``). Most groups are common to all folds; the
-   last subject of every fold belongs to a *contrarian* group found in no other fold, whose habits contradict
+   last subject(s) of every fold (``contrarians_per_fold``: 3 in ``synth``, 1 elsewhere) belong to a *contrarian*
+   group found in no other fold, whose habits contradict
    those of the same-looking training subjects. The group fixes the appearance family (skin tone, hair), so
    identity predicts habit (S -> X and S -> R in CISNet's graph), and that shortcut fails on contrarians.
 2. **Sessions.** Each session is a run of consecutive frames filled with expression episodes (EMFACS-style
@@ -65,8 +66,9 @@ from aurecog.data.prepared import (
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3  # bump whenever images or labels change: cached folders are keyed by it (v1: pre-release;
-#                        v2 -> v3: AU_GAIN 1.25 -> 2.0)
+GENERATOR_VERSION = 4  # bump whenever images or labels change: cached folders are keyed by it (v1: pre-release;
+#                        v2 -> v3: AU_GAIN 1.25 -> 2.0; v3 -> v4: `synth` 45 subjects x 2 sessions with 3
+#                        contrarians per fold, sized by benchmarks/study_power.py)
 
 # --------------------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -153,15 +155,18 @@ N_FOLDS = 3
 _COMMON_CYCLE = (0, 1, 2)
 
 
-def habit_group_of(position: int, n_subjects: int) -> int:
+def habit_group_of(position: int, n_subjects: int, contrarians: int = 1) -> int:
     """Habit group of the subject at ``position`` in the name-sorted subject list.
 
-    Fold ``k`` = positions with ``position % 3 == k``. The last subject of each fold that has at least two
-    subjects is the fold's contrarian (group ``3 + k``); the others cycle through the common groups.
+    Fold ``k`` = positions with ``position % 3 == k``. The last ``contrarians`` subjects of each fold that has
+    more subjects than that are the fold's contrarians (group ``3 + k``); the others cycle through the common
+    groups.
     """
+    if contrarians < 1:
+        raise ValueError(f"contrarians per fold must be >= 1, got {contrarians}")
     fold, rank = position % N_FOLDS, position // N_FOLDS
     fold_size = len(range(fold, n_subjects, N_FOLDS))
-    if fold_size >= 2 and rank == fold_size - 1:
+    if fold_size > contrarians and rank >= fold_size - contrarians:
         return len(_COMMON_CYCLE) + fold
     return _COMMON_CYCLE[rank % len(_COMMON_CYCLE)]
 
@@ -918,6 +923,7 @@ class Preset:
     official_split: bool = False  # add a ``split`` column (train/validation by subject)
     fer_sources: tuple[FerSource, ...] = ()  # non-empty: a posed expression-recognition mix (synth-fermix)
     habits: bool = True  # False: every subject shows the universal AUs (no habit group's adds/suppresses)
+    contrarians_per_fold: int = 1  # contrarian test subjects per fold (habit_group_of)
 
     @property
     def label_aus(self) -> tuple[int, ...]:
@@ -926,7 +932,12 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("synth", "default CPU-benchmark preset: 18 subjects x 3 sessions, 64 px, the 12 BP4D AUs"),
+    # synth: 12 common + 3 contrarian subjects per fold, so the common-contrarian gap has between-subject spread
+    # in both strata (benchmarks/study_power.py: half-width of the gap reduction from the measured per-subject
+    # sd); 2 shorter sessions each keep the frame count (and the cell's cost) of the v3 preset (18 x 3 x 48-62)
+    Preset("synth", "default CPU-benchmark preset: 45 subjects x 2 sessions (3 contrarians per fold), 64 px, the "
+           "12 BP4D AUs", n_subjects=45, sessions_per_subject=2, frames_per_session=(30, 40),
+           contrarians_per_fold=3),
     Preset("synth-bp4d", "BP4D-like: 12 AUs, occurrence with ~2% unknown runs, intensity of AUs 6/10/12/14/17",
            intensity_aus=BP4D_INTENSITY_AUS, n_subjects=24, frames_per_session=(42, 58), subject_prefix="B",
            unknown_rate=0.02),
@@ -1140,7 +1151,7 @@ def _plan(pre: Preset, seed: int) -> list[_Session]:
         n_sub = max(1, round(pre.n_subjects * src.share)) if src else pre.n_subjects
         for i in range(n_sub):
             key = (s_idx, i)
-            group = habit_group_of(i, n_sub)
+            group = habit_group_of(i, n_sub, pre.contrarians_per_fold)
             ident = sample_identity(_rng(pre.name, seed, *key, 0), HABIT_GROUPS[group].family, pre.identity_shift)
             if src and src.background is not None:
                 ident.background = np.array(src.background, float) + _rng(pre.name, seed, *key, 5).normal(0, 8, 3)
@@ -1249,7 +1260,8 @@ def _meta(pre: Preset, seed: int, sessions: list[_Session], overrides: dict[str,
                           "adds": {au_name(t): [au_name(a) for a in added] for t, added in g.adds},
                           "suppresses": [au_name(a) for a in g.suppresses]} for i, g in enumerate(HABIT_GROUPS)],
         "folds": {"n_folds": N_FOLDS, "rule": "subjects sorted by name; fold k tests positions i with i % 3 == k; "
-                  "the last subject of each fold is a contrarian (habits absent from its training folds)"},
+                  f"the last {pre.contrarians_per_fold} subject(s) of each fold are contrarians (habits absent "
+                  "from its training folds)", "contrarians_per_fold": pre.contrarians_per_fold},
         "image_size": pre.image_size, "landmark_layout": "ibug68",
     }
 
