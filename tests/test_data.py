@@ -121,6 +121,40 @@ def test_heldout_cells_bias100_and_bias90():
     assert not set(seq.iloc[te90]) & set(seq.iloc[tr90])
 
 
+
+def test_in_distribution_sequences_leave_training_whole_and_only_from_seen_cells():
+    """heldout_cells ``id_fraction``: that fraction of the sequences of every (dataset, expression) cell that is
+    not held out leaves training, whole, as the in-distribution test set; held-out cells and bias90's moved
+    sequences are untouched; a protocol without the key is unchanged."""
+    from aurecog.data.protocols import in_distribution_rows
+
+    emotions = ["anger", "disgust", "fear", "happiness", "sadness", "surprise"]
+    idx = _index([f"S{i}" for i in range(9)], per=60, datasets=["ckplus", "mmi", "oulu"], expr=list(range(6)))
+    seq = (idx["subject"] + "/" + idx["session"]).to_numpy()
+    for name in ("bias100", "bias90"):
+        proto = dict(C.load_dataset("synth-fermix")["protocols"][name])
+        assert proto.get("id_fraction", 0) > 0, "the study's preset scores an in-distribution test set"
+        for f in range(3):
+            tr, te = split_rows(idx, proto, f, label_names=emotions)
+            fit, ids = in_distribution_rows(idx, proto, f, tr, emotions)
+            assert sorted([*fit, *ids]) == sorted(tr) and not set(fit) & set(ids)
+            assert not set(seq[ids]) & set(seq[fit])  # whole sequences
+            held = {(d, emotions.index(e)) for d, es in proto["folds"][f].items() for e in es}
+            cells = set(zip(idx.dataset.iloc[ids], idx.expression.iloc[ids]))
+            assert cells and not cells & held  # only seen cells
+            assert len(cells) == 3 * 4  # every seen cell contributes
+            for cell in cells:
+                in_cell = (idx.dataset.to_numpy()[tr] == cell[0]) & (idx.expression.to_numpy()[tr] == cell[1])
+                n_seq = len(set(seq[tr][in_cell]))
+                n_out = len(set(seq[ids]) & set(seq[tr][in_cell]))
+                assert n_out == max(1, round(proto["id_fraction"] * n_seq)), cell
+    plain = {k: v for k, v in C.load_dataset("synth-fermix")["protocols"]["bias100"].items() if k != "id_fraction"}
+    tr, _ = split_rows(idx, plain, 0, label_names=emotions)
+    fit, ids = in_distribution_rows(idx, plain, 0, tr, emotions)
+    assert len(ids) == 0 and (fit == tr).all()
+    with pytest.raises(ValueError, match="id_fraction"):
+        in_distribution_rows(idx, {**plain, "type": "subject_kfold", "id_fraction": 0.1}, 0, tr, emotions)
+
 # ---------------------------------------------------------------- landmarks and augmentation
 def test_flip_permutation_is_an_involution_and_maps_eyes():
     for layout in ("ibug68", "disfa66", "intraface49"):

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from aurecog import config as C
 from aurecog.data.landmarks import to_intraface49
 from aurecog.data.prepared import UNKNOWN, PreparedDataset, intensity_column
-from aurecog.data.protocols import carve_validation, common_labels, cross_dataset_rows, num_folds, split_rows
+from aurecog.data.protocols import (carve_validation, common_labels, cross_dataset_rows, in_distribution_rows, num_folds,
+                                    split_rows)
 from aurecog.data.transforms import FaceTransform
 from aurecog.tasks import TaskSpec, TrainStats
 
@@ -293,6 +294,11 @@ class AUDataModule(L.LightningDataModule):
         else:
             train_rows, test_rows = split_rows(main.index, self.protocol, self.fold,
                                                label_names=main.expressions, where=where)
+        # heldout_cells id_fraction: in-distribution test sequences, scored apart (split "test_id")
+        id_rows = np.zeros(0, dtype=np.int64)
+        if self.protocol.get("id_fraction"):
+            train_rows, id_rows = in_distribution_rows(main.index, self.protocol, self.fold, train_rows,
+                                                       main.expressions, where=where)
         self.landmark_layout = main.meta["landmark_layout"]
         names = self._label_names(main)
         threshold = self.protocol.get("positive_threshold", self.cfg.get("positive_threshold"))
@@ -308,6 +314,7 @@ class AUDataModule(L.LightningDataModule):
             fit_rows, val_rows = (r[main_arrays["target"][r] >= 0] for r in (fit_rows, val_rows))
             dropped = int((test_arrays["target"][test_rows] < 0).sum())
             test_rows = test_rows[test_arrays["target"][test_rows] >= 0]
+            id_rows = id_rows[main_arrays["target"][id_rows] >= 0]
             if dropped:
                 log.info("expression task: %d test frames without an expression label are not scored", dropped)
         if self.max_train_samples and len(fit_rows) > self.max_train_samples:
@@ -315,6 +322,8 @@ class AUDataModule(L.LightningDataModule):
             fit_rows = np.sort(fit_rows[keep])
         self.split_rows = {"train": fit_rows, "val": val_rows, "test": test_rows}
         self.split_sources = {"train": main, "val": main, "test": test_ds}
+        if len(id_rows):
+            self.split_rows["test_id"], self.split_sources["test_id"] = id_rows, main
 
         # subject and confounder indices
         subj_main = main.index["subject"].astype(str).to_numpy()
@@ -336,7 +345,7 @@ class AUDataModule(L.LightningDataModule):
             arrays["train_subject"] = _lookup(subj, train_subjects)
             conf = subj if self.confounder_kind == "subject" else ds.index["dataset"].astype(str).to_numpy()
             arrays["confounder"] = _lookup(conf, confounders)
-        self.split_arrays = {"train": main_arrays, "val": main_arrays, "test": test_arrays}
+        self.split_arrays = {"train": main_arrays, "val": main_arrays, "test": test_arrays, "test_id": main_arrays}
         self._is_setup = True
 
     def _label_names(self, ds: PreparedDataset) -> list[str]:
@@ -439,6 +448,10 @@ class AUDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test")
+
+    def test_id_dataloader(self):
+        """The in-distribution test set of a ``heldout_cells`` protocol with ``id_fraction`` (else empty)."""
+        return self._loader("test_id")
 
     def predict_dataloader(self):
         return self._loader("test")

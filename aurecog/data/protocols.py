@@ -25,7 +25,10 @@ A protocol is a dict from a dataset config (``configs/datasets/*.yaml``, key ``p
 * ``heldout_cells``: the IERN mixed-dataset o.o.d. protocol. ``folds`` is a list; each maps a value of
   ``group_column`` (the source dataset) to the labels (expression names) held out for testing.
   ``move_fraction`` of the sequences of each held-out (group, label) cell moves to training, whole
-  (0 = bias100, 0.1 = bias90; see :func:`_move_sequences`).
+  (0 = bias100, 0.1 = bias90; see :func:`_move_sequences`). ``id_fraction`` (beyond the paper, default 0)
+  keeps that fraction of the sequences of every *other* (group, label) cell out of training as an
+  in-distribution test set (:func:`in_distribution_rows`), scored apart from the held-out cells, so that a
+  model's in-distribution - held-out gap can be measured; the headline stays the held-out cells'.
 
 Any protocol may also set, overriding the dataset config (a paper's own variant of a protocol):
 
@@ -229,6 +232,43 @@ def _move_sequences(index: pd.DataFrame, test_mask: np.ndarray, group: np.ndarra
             if k:
                 moved = rng.choice(sequences, size=k, replace=False)
                 test_mask[cell & np.isin(seq, moved)] = False
+
+
+def in_distribution_rows(index: pd.DataFrame, protocol: dict, fold: int, train_rows: np.ndarray,
+                         label_names: list[str] | None, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, in-distribution test rows) of a ``heldout_cells`` fold with ``id_fraction``: that fraction
+    of the sequences (subject, session) of every (group, label) cell *not* held out in the fold leaves
+    ``train_rows``, whole, for an in-distribution test set; the same subjects keep their other sequences in
+    training, as the held-out cells' subjects do, so the two test sets differ in whether the cell was seen.
+    Deterministic per fold; at least one sequence per cell when the fraction is positive and the cell has two."""
+    frac = float(protocol.get("id_fraction", 0.0) or 0.0)
+    train_rows = np.asarray(train_rows)
+    if frac <= 0:
+        return train_rows, train_rows[:0]
+    if not 0 < frac < 1:
+        raise ProtocolError(f"{where}: id_fraction must be in [0, 1), got {frac}")
+    if protocol.get("type") != "heldout_cells":
+        raise ProtocolError(f"{where}: id_fraction is a heldout_cells option (protocol type {protocol.get('type')})")
+    if "session" not in index.columns:
+        raise ProtocolError(f"{where}: id_fraction keeps whole sequences out and needs a 'session' index column")
+    if label_names is None:
+        raise ProtocolError(f"{where}: id_fraction needs the expression names")
+    sub = index.iloc[train_rows]
+    group = sub[protocol.get("group_column", "dataset")].astype(str).to_numpy()
+    label = sub["expression"].to_numpy()
+    seq = (sub["subject"].astype(str) + "\x1f" + sub["session"].astype(str)).to_numpy()
+    held = {(str(g), label_names.index(h)) for g, hs in protocol["folds"][fold].items() for h in hs}
+    rng = _stable_rng("id", fold)
+    keep_out = np.zeros(len(train_rows), dtype=bool)
+    for g, lab in sorted({(g, int(v)) for g, v in zip(group, label) if v >= 0}):
+        if (g, lab) in held:  # bias90's moved sequences of a held-out cell stay in training
+            continue
+        cell = (group == g) & (label == lab)
+        sequences = np.unique(seq[cell])
+        k = max(1, int(round(frac * len(sequences)))) if len(sequences) >= 2 else 0
+        if k:
+            keep_out |= cell & np.isin(seq, rng.choice(sequences, size=k, replace=False))
+    return train_rows[~keep_out], train_rows[keep_out]
 
 
 def carve_validation(index: pd.DataFrame, train_rows: np.ndarray, fraction: float, seed: int | str = 0,

@@ -85,6 +85,8 @@ class AUModel(L.LightningModule):
         self.test_pcc = PerSubjectPCCSimilarity() if self.task.kind == "au" else None
         self.test_predictions = PredictionCollector()
         self.test_results: dict | None = None
+        #: logged metric prefix of a test pass ("test"; "test_id" for a protocol's in-distribution test set)
+        self.test_log_prefix = "test"
 
     @classmethod
     def load_from_checkpoint(cls, *args, **kwargs):
@@ -251,7 +253,7 @@ class AUModel(L.LightningModule):
             self.test_pcc.reset()
         preds = self.test_predictions.compute()
         self.test_predictions.reset()
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()})
+        self.log_dict({f"{self.test_log_prefix}/{k}": v for k, v in metrics.items()})
         self.test_results = {"metrics": metrics, "pcc_similarity": pcc, "predictions": preds}
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -239,6 +239,8 @@ def predictions_frame(dm, preds: dict, names: list[str], kind: str) -> pd.DataFr
 
 
 CHECKPOINT = Path("checkpoints") / "best.ckpt"  # below the run folder
+#: predictions on a protocol's in-distribution test set (heldout_cells ``id_fraction``), beside predictions.parquet
+ID_PREDICTIONS = "predictions_id.parquet"
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -383,10 +385,14 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     best = callbacks[0].best_model_path or None
     best_epoch = _best_epoch(history.rows, monitor, mode)
     trainer.test(model, datamodule=dm, ckpt_path=best if best else None, verbose=False)
+    res, res_id = model.test_results, None
+    if "test_id" in dm.split_rows:  # a heldout_cells protocol's in-distribution test set, scored apart
+        model.test_log_prefix = "test_id"
+        trainer.test(model, dataloaders=dm.test_id_dataloader(), ckpt_path=best if best else None, verbose=False)
+        res_id = model.test_results
     t_done = time.time()
     if trainer.global_rank != 0:
         return None
-    res = model.test_results
     kind = dm.task_spec.kind
     pcc = {dm.subject_names[k]: v for k, v in res["pcc_similarity"].items()}
     metrics = {
@@ -410,6 +416,11 @@ def run_cell(cfg: dict, fold: int, seed: int, run_dir: Path, data_root: str | No
     atomic_write_df(run_dir / "history.csv", pd.DataFrame(history.rows))
     preds = predictions_frame(dm, res["predictions"], dm.task_spec.names, kind)
     atomic_write_df(run_dir / "predictions.parquet", preds)
+    if res_id is not None:
+        metrics["test_in_distribution"] = res_id["metrics"]
+        metrics["n_test_in_distribution"] = int(len(res_id["predictions"]["sample"]))
+        atomic_write_df(run_dir / ID_PREDICTIONS, predictions_frame(dm, res_id["predictions"], dm.task_spec.names,
+                                                                    kind))
     habits = dm.split_sources["test"].meta.get("habits")
     # SynthAU ground truth: the habit group of each test subject (leaderboard bias breakdown). Contrarian groups
     # are placed for the subject k-fold split (one per fold); other protocols train on them, so no breakdown there.
