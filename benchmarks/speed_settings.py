@@ -103,6 +103,31 @@ def _cells(results: Path, dataset: str, models: list[str]) -> dict:
     return out
 
 
+def seed_level(a: dict, b: dict, keys: list) -> tuple[float, float, float]:
+    """(difference, lo, hi) of the headline F1, choice - fp32, with training noise: per fold the mean over seeds of
+    each setting, the difference averaged over folds; interval from a Welch t on the fold-centred cell values
+    (each fold's mean removed, so the between-fold spread, shared by both settings, is not counted)."""
+    from scipy import stats as st
+
+    folds = sorted({k[1] for k in keys})
+    va = {f: [a[k][0]["test"]["f1"] for k in keys if k[1] == f] for f in folds}
+    vb = {f: [b[k][0]["test"]["f1"] for k in keys if k[1] == f] for f in folds}
+    if min(len(v) for v in (*va.values(), *vb.values())) < 2:
+        return float("nan"), float("nan"), float("nan")
+    diff = float(np.mean([np.mean(vb[f]) - np.mean(va[f]) for f in folds]))
+    ca = np.concatenate([np.array(va[f]) - np.mean(va[f]) for f in folds])
+    cb = np.concatenate([np.array(vb[f]) - np.mean(vb[f]) for f in folds])
+    # variance of a fold-mean difference, averaged over folds: var_a / n_a + var_b / n_b per fold, / n_folds
+    dfa, dfb = len(ca) - len(folds), len(cb) - len(folds)
+    var_a, var_b = (ca ** 2).sum() / dfa, (cb ** 2).sum() / dfb
+    na, nb = len(ca) / len(folds), len(cb) / len(folds)
+    se = float(np.sqrt((var_a / na + var_b / nb) / len(folds)))
+    ua, ub = var_a / na / len(folds), var_b / nb / len(folds)
+    df = (ua + ub) ** 2 / (ua ** 2 / dfa + ub ** 2 / dfb)
+    t = float(st.t.ppf(0.975, df))
+    return diff, diff - t * se, diff + t * se
+
+
 def compare(fp32: Path, auto: Path, dataset: str, models: list[str], draws: int = S.DRAWS) -> list[str]:
     a, b = _cells(fp32, dataset, models), _cells(auto, dataset, models)
     lines = ["## Same grid, fp32 vs the runner's choice", "",
@@ -110,8 +135,13 @@ def compare(fp32: Path, auto: Path, dataset: str, models: list[str], draws: int 
              "`auto`). F1 difference = choice - fp32, x100, paired on the same folds and resampled test subjects "
              f"(subject-level bootstrap, {draws} draws); rate = optimiser steps x batch per minute of training "
              "(metrics.json `timings`); cell = wall time of the cell process as the runner saw it.", "",
-             "| model | setting chosen | cells | F1 fp32 | F1 choice | difference [95% CI] | accuracy holds | "
-             "train img/min fp32 -> choice | cell s fp32 -> choice |", "|---|---|---|---|---|---|---|---|---|"]
+             "*seed-level* = the same difference with training noise in it: the mean over folds of the "
+             "per-fold seed means, its 95% interval from the cells' spread within each fold (Welch t on the "
+             "fold-centred cell values; needs 2+ seeds per setting). Accuracy holds when the seed-level interval "
+             "(else the bootstrap one) includes 0 or lies above it.", "",
+             "| model | setting chosen | cells | seeds | F1 fp32 | F1 choice | difference [95% CI] | seed-level "
+             "difference [95% CI] | accuracy holds | train img/min fp32 -> choice | cell s fp32 -> choice |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         keys = sorted(set(k for k in a if k[0] == m) & set(k for k in b if k[0] == m))
         if not keys:
@@ -132,7 +162,9 @@ def compare(fp32: Path, auto: Path, dataset: str, models: list[str], draws: int 
         d = S.paired_difference(boot, rows["auto"], sb, rows["fp32"], sa, "f1")
         pa, _ = boot.evaluate(rows["fp32"], sa)
         pb, _ = boot.evaluate(rows["auto"], sb)
-        holds = "yes (CI includes 0)" if d["lo"] <= 0 <= d["hi"] else ("better" if d["lo"] > 0 else "**no**")
+        seed_d, seed_lo, seed_hi = seed_level(a, b, keys)
+        lo, hi = (seed_lo, seed_hi) if seed_lo == seed_lo else (d["lo"], d["hi"])
+        holds = "yes (CI includes 0)" if lo <= 0 <= hi else ("better" if lo > 0 else "**no**")
         ident = b[keys[0]][0].get("identity", {})
         cfg = json.loads((b[keys[0]][1] / "config.json").read_text())["trainer"]
         setting = f"{ident.get('precision', cfg.get('precision'))}, channels_last {cfg.get('channels_last')}"
@@ -145,8 +177,10 @@ def compare(fp32: Path, auto: Path, dataset: str, models: list[str], draws: int 
             return float(np.mean([src[k][0].get("wall_time_s", np.nan) + src[k][0].get("timings", {}).get(
                 "start", 0.0) for k in keys]))
 
-        lines.append(f"| {m} | {setting} | {len(keys)} | {pa['f1'] * 100:.1f} | {pb['f1'] * 100:.1f} | "
-                     f"{d['diff'] * 100:+.1f} [{d['lo'] * 100:+.1f}, {d['hi'] * 100:+.1f}] | {holds} | "
+        seeds = len({k[2] for k in keys})
+        sl = "" if seed_lo != seed_lo else f"{seed_d * 100:+.1f} [{seed_lo * 100:+.1f}, {seed_hi * 100:+.1f}]"
+        lines.append(f"| {m} | {setting} | {len(keys)} | {seeds} | {pa['f1'] * 100:.1f} | {pb['f1'] * 100:.1f} | "
+                     f"{d['diff'] * 100:+.1f} [{d['lo'] * 100:+.1f}, {d['hi'] * 100:+.1f}] | {sl} | {holds} | "
                      f"{rate(a):,.0f} -> {rate(b):,.0f} ({rate(b) / rate(a):.2f}x) | {wall(a):.0f} -> {wall(b):.0f} |")
     return lines + [""]
 

@@ -69,3 +69,31 @@ def test_renet_inference_table_checks_every_path_against_the_loop(tmp_path):
     assert diffs["folded per-AU passes (after, default)"] < 1e-5 and diffs["batched B*C pass (before)"] < 1e-5
     assert 0 < diffs["folded, bf16 autocast"] < 0.1  # bf16 is an approximation, and is reported as one
     assert "## Where the time goes (CPU profile)" in text
+
+
+def test_seed_level_precision_difference_against_a_hand_computation():
+    """benchmarks/speed_settings.py seed_level: fold-mean differences averaged over folds, with a Welch interval
+    on fold-centred cells; checked against the formula by hand for 2 folds x 3 seeds, and for a pure shift."""
+    import numpy as np
+    from scipy import stats as st
+
+    import speed_settings
+
+    fa = {0: [0.70, 0.72, 0.74], 1: [0.60, 0.61, 0.65]}
+    fb = {0: [0.69, 0.70, 0.71], 1: [0.58, 0.60, 0.62]}
+    a = {("m", f, s): ({"test": {"f1": v}}, None) for f, vs in fa.items() for s, v in enumerate(vs)}
+    b = {("m", f, s): ({"test": {"f1": v}}, None) for f, vs in fb.items() for s, v in enumerate(vs)}
+    keys = sorted(a)
+    d, lo, hi = speed_settings.seed_level(a, b, keys)
+    assert d == np.mean([np.mean(fb[f]) - np.mean(fa[f]) for f in fa])  # -0.02
+    var_a = np.mean([np.var(fa[f], ddof=1) for f in fa])  # pooled within-fold variance (equal sizes)
+    var_b = np.mean([np.var(fb[f], ddof=1) for f in fb])
+    se = np.sqrt((var_a / 3 + var_b / 3) / 2)
+    dof = (var_a + var_b) ** 2 / (var_a ** 2 / 4 + var_b ** 2 / 4)
+    half = st.t.ppf(0.975, dof) * se
+    assert abs(lo - (d - half)) < 1e-12 and abs(hi - (d + half)) < 1e-12
+    shifted = {k: ({"test": {"f1": v[0]["test"]["f1"] + 0.05}}, None) for k, v in a.items()}
+    d2, lo2, hi2 = speed_settings.seed_level(a, shifted, keys)
+    assert abs(d2 - 0.05) < 1e-12 and lo2 < 0.05 < hi2
+    one_seed = [k for k in keys if k[2] == 0]
+    assert np.isnan(speed_settings.seed_level(a, b, one_seed)[0])

@@ -12,9 +12,11 @@ name, core count, torch build) in ``cache/speed.json`` and reused, so a machine 
 cells keep their identity; ``aurecog speed --remeasure`` measures again. The chosen setting is resolved into the
 cell's config (``trainer.precision``, ``trainer.channels_last``) and so into its identity, like threads.
 
-Whether accuracy holds under bf16 was measured (fp32 vs bf16 + channels_last cells, paired bootstrap on the same
-folds: results/perf/speed_settings_grid.md); a family whose accuracy did not hold sets ``trainer.precision: 32-true`` in
-its quick profile, and explicit settings are never overridden. torch.compile is not a candidate: compiling costs
+Whether accuracy holds under bf16 was measured (fp32 vs bf16 + channels_last cells on the same folds:
+results/perf/speed_settings_grid.md, one seed; results/perf/speed_settings_seeds.md, 3 seeds, where the baseline's
+and IERN's one-seed deficits, -1.6 and -1.0 F1, came out +0.1 [-2.1, +2.2] and -0.2 [-3.3, +3.0] with training
+noise counted); a family whose accuracy did not hold would set ``trainer.precision: 32-true`` in its quick
+profile (none does now), and explicit settings are never overridden. torch.compile is not a candidate: compiling costs
 more per cell process than a quick cell trains (measured in the same table).
 """
 
