@@ -26,7 +26,7 @@ def _identities(preset: str) -> dict[str, synth.Identity]:
     for s_idx, src in enumerate(pre.fer_sources or (None,)):
         n_sub = max(1, round(pre.n_subjects * src.share)) if src else pre.n_subjects
         for i in range(n_sub):
-            family = synth.HABIT_GROUPS[synth.habit_group_of(i, n_sub)].family
+            family = synth.HABIT_GROUPS[synth.habit_group_of(i, n_sub, pre.contrarians_per_fold)].family
             ident = synth.sample_identity(synth._rng(pre.name, 0, s_idx, i, 0), family, pre.identity_shift)
             out[f"{src.prefix if src else pre.subject_prefix}{i + 1:03d}"] = ident
     return out
