@@ -246,12 +246,13 @@ def markdown(agg: pd.DataFrame, gaps: HabitGaps, answers: pd.DataFrame, draws: i
         if not ids:
             continue
         lines += [title, "", text.format(draws=draws), "",
-                  f"| model | group | {h1} [95% CI] | {h2} [95% CI] | gap [95% CI] | cells (seeds) |",
-                  "|---|---|---|---|---|---|"]
-        for i, a in agg.loc[ids].sort_values(["family", "group", "model"]).iterrows():
+                  f"| model | group | protocol | {h1} [95% CI] | {h2} [95% CI] | gap [95% CI] | cells (seeds) |",
+                  "|---|---|---|---|---|---|---|"]
+        for i, a in agg.loc[ids].sort_values(["protocol", "family", "group", "model"]).iterrows():
             g = gaps.row(i)
             name = a["model"] + (" (**at floor**)" if bool(a.get("at_floor", False)) else "")
-            lines.append(f"| {name} | {a['group']} | {_ci(g['first'], g['first_lo'], g['first_hi'])} | "
+            lines.append(f"| {name} | {a['group']} | {a['protocol']} | "
+                         f"{_ci(g['first'], g['first_lo'], g['first_hi'])} | "
                          f"{_ci(g['second'], g['second_lo'], g['second_hi'])} | "
                          f"{_ci(g['gap'], g['gap_lo'], g['gap_hi'])} | {g['cells']} ({g['seeds']}) |")
         lines.append("")
