@@ -27,6 +27,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aurecog.runner import stats as S  # noqa: E402
+
 #: the study's gap pairs (configs/study.yaml questions of kind gap), model -> its ablation
 PAIRS = (("cisnet", "cisnet-resnet34-wo"), ("ac2d", "ac2d-av"), ("iern", "iern-disentangle"),
          ("iern", "iern-baseline"))
@@ -40,20 +42,15 @@ BUDGET_FRAMES = 2955  # frames of the v3 `synth` preset (18 subjects x 3 session
 
 
 def subject_f1(df: pd.DataFrame, labels: list[str]) -> pd.Series:
-    """Per subject: mean over AUs with at least one positive frame of that subject's F1 (threshold 0.5)."""
-    out = {}
-    for s, part in df.groupby("subject"):
-        f1s = []
-        for au in labels:
-            t = part[f"target_{au}"].to_numpy()
-            keep = t >= 0
-            t, p = t[keep] > 0.5, part[f"score_{au}"].to_numpy()[keep] >= 0.5
-            if t.sum() == 0:
-                continue
-            tp = (t & p).sum()
-            f1s.append(2 * tp / (t.sum() + p.sum()))
-        out[str(s)] = float(np.mean(f1s)) if f1s else np.nan
-    return pd.Series(out)
+    """Per subject: mean over the AUs with at least one positive frame of that subject of its F1 at 0.5, from the
+    leaderboard's own per-subject sums (:func:`aurecog.runner.stats.subject_sums`)."""
+    keys = sorted(set(S.clusters(df)))
+    sums = S.subject_sums(df, "au", labels, keys)
+    n = len(labels)
+    tp, fp, fn = sums[:, :n], sums[:, n:2 * n], sums[:, 2 * n:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(tp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+    return pd.Series(np.nanmean(f1, axis=1), index=[k.split("/", 1)[1] for k in keys])
 
 
 def paired(results: Path, dataset: str, model: str, ablation: str) -> pd.DataFrame:
